@@ -1,0 +1,1 @@
+"""The ROUTER broker: task graph, scheduling state machine, poll loop, CLI."""

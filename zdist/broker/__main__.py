@@ -1,0 +1,3 @@
+from zdist.broker.cli import main
+
+main()

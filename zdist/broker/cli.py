@@ -1,0 +1,207 @@
+"""``zbroker``: run a broker."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import zmq
+
+from zdist import protocol as P
+from zdist._lifeline import watch_stdin
+from zdist._version import __version__
+from zdist.broker.server import BrokerServer, ServerConfig
+from zdist.errors import ZdistError
+from zdist.security import (
+    Security,
+    read_json_file,
+    read_security_stream,
+    write_private_json,
+)
+
+logger = logging.getLogger("zdist.broker")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0 for every interface).",
+)
+@click.option(
+    "--port",
+    default=None,
+    type=int,
+    help="TCP port [default: 8786, or the scheduler file's]; 0 picks a free one.",
+)
+@click.option(
+    "--interface", default=None, help="Listen on this interface's address, e.g. ib0."
+)
+@click.option(
+    "--scheduler-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write address and keys here (mode 0600); reuse both if it exists.",
+)
+@click.option(
+    "--security-file",
+    default=None,
+    help="Load the cluster's keys from this file ('-': one JSON line on stdin).",
+)
+@click.option(
+    "--no-security",
+    is_flag=True,
+    help="Plaintext and no authentication: only on a trusted network.",
+)
+@click.option(
+    "--heartbeat-interval",
+    default=P.HEARTBEAT_INTERVAL,
+    show_default=True,
+    type=float,
+    help="Seconds between worker heartbeats.",
+)
+@click.option(
+    "--liveness",
+    default=P.WORKER_LIVENESS,
+    show_default=True,
+    type=int,
+    help="Missed heartbeats before a worker is declared dead.",
+)
+@click.option(
+    "--client-liveness",
+    default=P.CLIENT_LIVENESS,
+    show_default=True,
+    type=int,
+    help="Missed client heartbeats before a client's tasks are released.",
+)
+@click.option(
+    "--allowed-failures",
+    default=3,
+    show_default=True,
+    type=int,
+    help="Worker deaths a task may cause before it fails with KilledWorker.",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
+@click.option(
+    "--lifeline",
+    is_flag=True,
+    hidden=True,
+    help="Exit when stdin closes (a parent process that started us died).",
+)
+@click.version_option(__version__, prog_name="zbroker")
+def main(
+    host: str,
+    port: int | None,
+    interface: str | None,
+    scheduler_file: str | None,
+    security_file: str | None,
+    no_security: bool,
+    heartbeat_interval: float,
+    liveness: int,
+    client_liveness: int,
+    allowed_failures: int,
+    log_level: str,
+    lifeline: bool,
+) -> None:
+    """Start a zdist broker: clients submit tasks to it and workers run them."""
+    configure_logging(log_level)
+    try:
+        security, port = _load_security(
+            security_file, scheduler_file, no_security, port
+        )
+        server = BrokerServer(
+            ServerConfig(
+                host=host,
+                port=port,
+                interface=interface,
+                heartbeat_interval=heartbeat_interval,
+                liveness=liveness,
+                client_liveness=client_liveness,
+                allowed_failures=allowed_failures,
+            ),
+            security,
+        )
+    except zmq.ZMQError as exc:
+        if exc.errno == zmq.EADDRINUSE:
+            raise click.ClickException(
+                f"port {port} is already in use; pick another with --port (0: any free)"
+            ) from None
+        raise click.ClickException(f"cannot listen: {exc}") from None
+    except ZdistError as exc:
+        raise click.ClickException(str(exc)) from None
+    if security is None:
+        logger.warning(
+            "security is OFF: anyone who can reach %s can run code as you",
+            server.address,
+        )
+    if scheduler_file:
+        write_private_json(
+            scheduler_file,
+            {
+                "type": "zdist-broker",
+                "address": server.address,
+                "security": security.to_dict() if security else None,
+                "pid": os.getpid(),
+                "versions": server.state.versions,
+            },
+        )
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server.stop())
+    if lifeline:
+        watch_stdin(server.stop)
+    click.echo(f"zbroker listening at {server.address}", err=False)
+    sys.stdout.flush()
+    logger.info("broker at %s (pid %d)", server.address, os.getpid())
+    server.serve_forever()
+    logger.info("broker stopped")
+
+
+def _load_security(
+    security_file: str | None,
+    scheduler_file: str | None,
+    no_security: bool,
+    port: int | None,
+) -> tuple[Security | None, int]:
+    """Keys from stdin/a file, else those of an existing scheduler file (a restarted
+    broker keeps its address and keys so its workers come back), else new ones."""
+    if scheduler_file and Path(scheduler_file).exists():
+        old: dict[str, Any] = read_json_file(scheduler_file)
+        if port is None and isinstance(old.get("address"), str):
+            try:
+                port = int(old["address"].rsplit(":", 1)[1])
+            except ValueError:
+                pass
+        if security_file is None and not no_security and old.get("security"):
+            return Security.from_dict(old["security"]), port
+    if port is None:
+        port = 8786
+    if no_security:
+        return None, port
+    if security_file == "-":
+        return read_security_stream(), port
+    if security_file:
+        return Security.from_file(security_file), port
+    return Security.temporary(), port
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The broker process: one ROUTER socket and one poll loop around the state machine.
+
+Each loop turn reads a burst of messages (so replies are batched under load), feeds them
+to :class:`~zdist.broker.state.BrokerState`, expires silent peers, and sends what the
+state produced. Nothing from the network is trusted: a message that does not decode or
+that the state rejects is counted, logged (rate-limited) and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from zdist import protocol as P
+from zdist._version import versions
+from zdist.broker.state import BrokerConfig, BrokerState
+from zdist.net import interface_ip
+from zdist.security import Security
+
+logger = logging.getLogger(__name__)
+
+#: Messages read per loop turn before replying; larger batches more under load.
+BURST = 1000
+#: Seconds between liveness checks; a fraction of the heartbeat interval.
+TICK_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8786
+    interface: str | None = None
+    heartbeat_interval: float = P.HEARTBEAT_INTERVAL
+    liveness: int = P.WORKER_LIVENESS
+    client_heartbeat_interval: float = P.CLIENT_HEARTBEAT_INTERVAL
+    client_liveness: int = P.CLIENT_LIVENESS
+    allowed_failures: int = 3
+    max_frames: int = P.MAX_FRAMES_DEFAULT
+    max_message_bytes: int = P.MAX_MESSAGE_BYTES_DEFAULT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _RateLimitedLog:
+    """Logs a kind of problem at most once per ``period`` seconds, with a count."""
+
+    def __init__(self, period: float = 5.0) -> None:
+        self.period = period
+        self.last: dict[str, float] = {}
+        self.suppressed: dict[str, int] = {}
+
+    def warning(self, kind: str, text: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last.get(kind, -1e9) >= self.period:
+            n = self.suppressed.pop(kind, 0)
+            logger.warning(
+                text + (" (%d similar suppressed)" if n else ""),
+                *args,
+                *((n,) if n else ()),
+            )
+            self.last[kind] = now
+        else:
+            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
+
+
+class BrokerServer:
+    def __init__(self, config: ServerConfig, security: Security | None) -> None:
+        self.config = config
+        self.security = security
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self._auth = security.start_authenticator(self.ctx) if security else None
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        self.sock.router_handover = (
+            1  # a worker reconnecting with its id replaces the old pipe
+        )
+        self.sock.sndhwm = 0
+        self.sock.rcvhwm = 0
+        if security:
+            security.configure_server(self.sock)
+        host = interface_ip(config.interface) if config.interface else config.host
+        bind_host = "*" if host in ("0.0.0.0", "") else host
+        if config.port:
+            self.sock.bind(f"tcp://{bind_host}:{config.port}")
+            port = config.port
+        else:
+            port = self.sock.bind_to_random_port(f"tcp://{bind_host}")
+        connect_host = host if host not in ("0.0.0.0", "", "*") else _public_host()
+        self.address = f"tcp://{connect_host}:{port}"
+        self.state = BrokerState(
+            BrokerConfig(
+                address=self.address,
+                heartbeat_interval=config.heartbeat_interval,
+                liveness=config.liveness,
+                client_heartbeat_interval=config.client_heartbeat_interval,
+                client_liveness=config.client_liveness,
+                allowed_failures=config.allowed_failures,
+            ),
+            versions(),
+        )
+        self.counters = self.state.counters
+        self.counters.update(dropped=0, payload_bytes_forwarded=0, messages_in=0)
+        self._stop = threading.Event()
+        self._log = _RateLimitedLog()
+        self.pid = os.getpid()
+
+    # ----------------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Run the poll loop until :meth:`stop`; closes the sockets on the way out."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        tick_every = self.config.heartbeat_interval * TICK_FRACTION
+        next_tick = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                timeout = max(0.0, min(next_tick - time.monotonic(), 0.1))
+                if poller.poll(timeout * 1000):
+                    self.receive()
+                now = time.monotonic()
+                if now >= next_tick:
+                    self.state.tick(now)
+                    next_tick = now + tick_every
+                self.send_pending()
+        finally:
+            self.close()
+
+    def receive(self) -> None:
+        sock = self.sock
+        state = self.state
+        counters = self.counters
+        now = time.monotonic()
+        for _ in range(BURST):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            counters["messages_in"] += 1
+            ident = frames[0].bytes
+            try:
+                self._check_size(frames)
+                msg, payload = P.decode(frames[1:])
+                state.handle(ident, msg, payload, now)
+            except Exception as exc:
+                counters["dropped"] += 1
+                self._log.warning(
+                    type(exc).__name__,
+                    "dropped a message from %s: %s: %s",
+                    ident.hex(),
+                    type(exc).__name__,
+                    exc,
+                )
+
+    def _check_size(self, frames: list[Any]) -> None:
+        if len(frames) > self.config.max_frames:
+            raise P.ProtocolError(f"{len(frames)} frames exceed the limit")
+        size = sum(len(f) for f in frames)
+        if size > self.config.max_message_bytes:
+            raise P.ProtocolError(f"{size} bytes exceed the limit")
+
+    def send_pending(self) -> None:
+        out = self.state.flush()
+        if not out:
+            return
+        sock = self.sock
+        forwarded = 0
+        for ident, msg, payload in out:
+            for f in payload:
+                forwarded += len(f)
+            try:
+                sock.send_multipart([ident, *P.encode(msg, payload)], copy=False)
+            except zmq.ZMQError as exc:  # peer gone; heartbeats will notice
+                logger.debug("send to %s failed: %s", ident.hex(), exc)
+        self.counters["payload_bytes_forwarded"] += forwarded
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        self.ctx.term()
+
+
+def _public_host() -> str:
+    import socket
+
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return socket.gethostname()

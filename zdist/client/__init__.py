@@ -1,0 +1,1 @@
+"""The client side: Client, Future, LocalCluster and the batch-system clusters."""

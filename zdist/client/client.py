@@ -1,0 +1,833 @@
+"""Client: dask.distributed's Client API on a zdist broker."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import uuid
+import warnings
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from typing import Any
+
+from zdist import graphspec, serialize
+from zdist import protocol as P
+from zdist._version import mismatches, versions
+from zdist.client.comm import Connection
+from zdist.client.future import Future, FutureState
+from zdist.errors import CommClosedError, GraphError, SecurityError
+from zdist.net import split_address
+from zdist.security import Security, read_json_file
+
+logger = logging.getLogger(__name__)
+
+_default_client: Client | None = None
+_default_lock = threading.Lock()
+#: Pickled functions kept per client, so a loop of submit(f, i) pickles f once.
+_FUNCTION_CACHE_SIZE = 256
+
+
+def default_client() -> Client | None:
+    return _default_client
+
+
+class Client:
+    """Connect to a zdist broker (or start a LocalCluster) and run tasks on it.
+
+    ``address`` is ``"tcp://host:port"``, a cluster object (LocalCluster, PBSCluster,
+    SLURMCluster), or None to start a LocalCluster with ``**kwargs`` (as dask does).
+    Credentials come from the cluster object, ``scheduler_file=``, or ``security=``
+    (a :class:`~zdist.Security`, a path to a security file, or False for a broker
+    started with ``--no-security``).
+    """
+
+    def __init__(
+        self,
+        address: Any = None,
+        *,
+        scheduler_file: str | None = None,
+        security: Security | str | bool | None = None,
+        timeout: float = 30,
+        name: str | None = None,
+        set_as_default: bool = True,
+        asynchronous: bool = False,
+        direct_to_workers: bool | None = None,
+        heartbeat_interval: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if asynchronous:
+            raise NotImplementedError(
+                "zdist's Client is synchronous (asynchronous=False)"
+            )
+        self._futures: dict[str, FutureState] = {}
+        self._refcount: dict[str, int] = {}
+        self._lock = threading.RLock()
+        self._fn_cache: dict[Any, bytes] = {}
+        self.cluster: Any = None
+        self._owns_cluster = False
+        self.status = "connecting"
+        if address is None and scheduler_file is None:
+            from zdist.client.local import LocalCluster
+
+            self.cluster = LocalCluster(**kwargs)
+            self._owns_cluster = True
+            address = self.cluster
+        elif kwargs:
+            raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
+        if address is not None and not isinstance(address, str):
+            self.cluster = address
+            security = address.security if security is None else security
+            address = address.scheduler_address
+        sec_info: dict[str, Any] = {}
+        if scheduler_file is not None:
+            sec_info = read_json_file(scheduler_file)
+            address = address or sec_info.get("address")
+        if not isinstance(address, str):
+            raise ValueError(f"cannot find a broker address in {scheduler_file!r}")
+        split_address(address)
+        self.security = _resolve_security(address, security, sec_info, scheduler_file)
+        self.scheduler_file = scheduler_file
+        self.id = f"Client-{uuid.uuid4()}"
+        self.name = name or self.id
+        self._conn = Connection(
+            address, self.security, self._on_message, self._on_lost, timeout
+        )
+        welcome = self._conn.start(P.RegisterClient(self.name, versions()))
+        self.scheduler_address = welcome.address or address
+        self.status = "running"
+        bad = mismatches(versions(), welcome.versions)
+        if bad:
+            warnings.warn(
+                f"zdist version mismatch with the broker: {'; '.join(bad)}",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._previous_default: Client | None = None
+        self._set_as_default = set_as_default
+        if set_as_default:
+            self._make_default()
+        self._finalizer = weakref.finalize(self, _close_connection, self._conn)
+
+    # ==================================================================================
+    # futures bookkeeping (called from Future)
+
+    def _state_for(self, key: str) -> FutureState:
+        with self._lock:
+            st = self._futures.get(key)
+            if st is None:
+                st = self._futures[key] = FutureState()
+            return st
+
+    def _inc_ref(self, key: str) -> None:
+        with self._lock:
+            self._refcount[key] = self._refcount.get(key, 0) + 1
+
+    def _dec_ref(self, key: str) -> None:
+        with self._lock:
+            n = self._refcount.get(key, 0) - 1
+            if n > 0:
+                self._refcount[key] = n
+                return
+            self._refcount.pop(key, None)
+            self._futures.pop(key, None)
+        if self.status == "running":
+            try:
+                self._conn.send(P.ReleaseKeys([key]))
+            except CommClosedError:
+                pass
+
+    def _on_message(self, msg: P.Message, payload: list[Any]) -> None:
+        """Called on the I/O thread for messages that are not request replies."""
+        if isinstance(msg, P.TaskUpdates):
+            futures = self._futures
+            for key, status, ref, text in msg.updates:
+                st = futures.get(key)
+                if st is None:
+                    continue
+                frames = None if ref is None else P.ref_frames(payload, ref)
+                if status == "finished":
+                    st.finish("finished", frames, "")
+                elif status == "error":
+                    st.finish("error", frames, text)
+                elif status in ("cancelled", "lost"):
+                    st.finish(status, None, text)
+        elif isinstance(msg, P.Error):
+            if msg.text == "unregistered":
+                self._on_lost("the broker restarted and no longer knows these tasks")
+                self._conn.send(P.RegisterClient(self.name, versions()))
+            else:
+                logger.warning("broker error: %s", msg.text)
+        elif isinstance(msg, P.Heartbeat):
+            pass
+
+    def _on_lost(self, why: str) -> None:
+        with self._lock:
+            states = list(self._futures.values())
+        for st in states:
+            if not st.event.is_set():
+                st.finish("lost", None, why)
+
+    # ==================================================================================
+    # submitting
+
+    def _dumps_function(self, func: Callable[..., Any]) -> bytes:
+        try:
+            cached = self._fn_cache.get(func)
+        except TypeError:  # unhashable callable
+            cached = None
+        if cached is not None:
+            return cached
+        try:
+            data = serialize.dumps_function(func)
+        except Exception as exc:
+            raise TypeError(f"cannot serialize function {func!r}: {exc}") from exc
+        try:
+            if len(self._fn_cache) >= _FUNCTION_CACHE_SIZE:
+                self._fn_cache.clear()
+            self._fn_cache[func] = data
+        except TypeError:
+            pass
+        return data
+
+    def submit(
+        self,
+        func: Callable[..., Any],
+        *args: Any,
+        key: str | None = None,
+        workers: Any = None,
+        resources: dict[str, float] | None = None,
+        retries: int | None = None,
+        priority: int = 0,
+        fifo_timeout: Any = None,
+        allow_other_workers: bool = False,
+        actor: bool = False,
+        actors: bool = False,
+        pure: bool = True,
+        **kwargs: Any,
+    ) -> Future:
+        """Run ``func(*args, **kwargs)`` on a worker; returns a Future at once."""
+        if not callable(func):
+            raise TypeError("First input to submit must be a callable function")
+        if actor or actors:
+            raise NotImplementedError("zdist has no actors")
+        fn = self._dumps_function(func)
+        frames, deps = _dumps_args(func, (args, kwargs))
+        if key is None:
+            key = (
+                _make_key(func, fn, frames)
+                if pure
+                else f"{_funcname(func)}-{uuid.uuid4().hex}"
+            )
+        with self._lock:
+            existing = self._futures.get(key)
+            if existing is not None:
+                return Future(key, self, existing)
+            future = Future(key, self)
+        fl = P.FrameList()
+        entry = [
+            key,
+            fl.add([fn]),
+            fl.add(frames),
+            deps,
+            priority,
+            retries or 0,
+            resources,
+            _worker_list(workers),
+            allow_other_workers,
+        ]
+        self._conn.send(P.Submit([entry], [key]), fl.frames)
+        return future
+
+    def map(
+        self,
+        func: Callable[..., Any],
+        *iterables: Iterable[Any],
+        key: str | list[str] | None = None,
+        workers: Any = None,
+        retries: int | None = None,
+        resources: dict[str, float] | None = None,
+        priority: int = 0,
+        allow_other_workers: bool = False,
+        fifo_timeout: Any = None,
+        actor: bool = False,
+        actors: bool = False,
+        pure: bool = True,
+        batch_size: int | None = None,
+        **kwargs: Any,
+    ) -> list[Future]:
+        """``submit`` over zipped iterables, sent to the broker as one message."""
+        if not callable(func):
+            raise TypeError("First input to map must be a callable function")
+        if (
+            isinstance(iterables[0] if iterables else None, (str, bytes))
+            or not iterables
+        ):
+            raise TypeError("Dask/zdist map requires iterables of arguments")
+        fn = self._dumps_function(func)
+        arg_lists = list(zip(*iterables))
+        keys: list[str]
+        fl = P.FrameList()
+        fn_ref = fl.add([fn])
+        entries = []
+        futures = []
+        wants = []
+        name = _funcname(func)
+        wl = _worker_list(workers)
+        with self._lock:
+            for i, args in enumerate(arg_lists):
+                frames, deps = _dumps_args(func, (args, kwargs))
+                if isinstance(key, list):
+                    k = key[i]
+                elif isinstance(key, str):
+                    k = f"{key}-{i}" if not pure else f"{key}-{_digest(fn, frames)}"
+                elif pure:
+                    k = f"{name}-{_digest(fn, frames)}"
+                else:
+                    k = f"{name}-{uuid.uuid4().hex}"
+                existing = self._futures.get(k)
+                futures.append(Future(k, self, existing))
+                if existing is None:
+                    entries.append(
+                        [
+                            k,
+                            fn_ref,
+                            fl.add(frames),
+                            deps,
+                            priority,
+                            retries or 0,
+                            resources,
+                            wl,
+                            allow_other_workers,
+                        ]
+                    )
+                    wants.append(k)
+        if entries:
+            self._conn.send(P.Submit(entries, wants), fl.frames)
+        return futures
+
+    def get(
+        self,
+        dsk: Mapping[Hashable, Any],
+        keys: Any,
+        *,
+        workers: Any = None,
+        resources: dict[str, float] | None = None,
+        retries: int | None = None,
+        priority: int = 0,
+        sync: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """Run a dask-style graph ``{key: (func, *args)}``; return values for ``keys``
+        (a key or nested list of keys). The graph travels as one message."""
+        futures = self._submit_graph(dsk, keys, resources, retries, priority, workers)
+        if not sync:
+            return graphspec.pack_results(keys, futures)
+        try:
+            values = self.gather(list(futures.values()))
+            by_key = dict(zip(futures, values))
+            return graphspec.pack_results(keys, by_key)
+        finally:
+            del futures
+
+    def _submit_graph(
+        self,
+        dsk: Mapping[Hashable, Any],
+        keys: Any,
+        resources: Any,
+        retries: int | None,
+        priority: int,
+        workers: Any,
+    ) -> dict[Hashable, Future]:
+        dsk = dict(dsk)
+        wanted = graphspec.flatten_keys(keys)
+        with self._lock:
+            known = {
+                k
+                for k in wanted
+                if k not in dsk and graphspec.stringify(k) in self._futures
+            }
+        missing = [k for k in wanted if k not in dsk and k not in known]
+        if missing:
+            raise GraphError(
+                f"requested key(s) {missing[:5]!r} are not in the graph and not held by "
+                f"this client"
+            )
+
+        # Inside dask graphs, a plain string that is not a key is a literal.
+        def is_key(x: Any) -> bool:
+            try:
+                return x in dsk
+            except TypeError:
+                return False
+
+        deps_of: dict[Hashable, set[Hashable]] = {}
+        converted: dict[Hashable, tuple[Any, Any]] = {}
+        for k, task in dsk.items():
+            deps: set[Hashable] = set()
+            func, args = graphspec.convert_task(task, is_key, deps)
+            deps_of[k] = deps
+            converted[k] = (func, args)
+        order = _toposort(deps_of)  # raises GraphError on a cycle
+        run_fn = self._dumps_function(graphspec.run)
+        fl = P.FrameList()
+        fn_ref = fl.add([run_fn])
+        entries = []
+        wl = _worker_list(workers)
+        for k in order:
+            func, args = converted[k]
+            try:
+                frames, deps = serialize.dumps_args(((func, args), {}))
+            except Exception as exc:
+                raise TypeError(f"cannot serialize task {k!r}: {exc}") from exc
+            entries.append(
+                [
+                    graphspec.stringify(k),
+                    fn_ref,
+                    fl.add(frames),
+                    deps,
+                    priority,
+                    retries or 0,
+                    resources,
+                    wl,
+                    False,
+                ]
+            )
+        futures: dict[Hashable, Future] = {}
+        with self._lock:
+            for k in wanted:
+                skey = graphspec.stringify(k)
+                futures[k] = Future(skey, self)
+        self._conn.send(
+            P.Submit(entries, [graphspec.stringify(k) for k in futures]), fl.frames
+        )
+        return futures
+
+    def scatter(
+        self,
+        data: Any,
+        workers: Any = None,
+        broadcast: bool = False,
+        direct: bool | None = None,
+        hash: bool = True,
+        timeout: Any = None,
+        asynchronous: bool | None = None,
+    ) -> Any:
+        """Move local data to the cluster; returns Future(s) in the same structure."""
+        if isinstance(data, Mapping):
+            items = list(data.items())
+        elif isinstance(data, (list, tuple, set, frozenset)):
+            items = [(None, v) for v in data]
+        else:
+            items = [(None, data)]
+        fl = P.FrameList()
+        entries, keys = [], []
+        wl = _worker_list(workers)
+        for k, value in items:
+            frames = serialize.dumps(value)
+            if k is None:
+                k = (
+                    f"{type(value).__name__}-{_digest(b'', frames)}"
+                    if hash
+                    else f"{type(value).__name__}-{uuid.uuid4().hex}"
+                )
+            keys.append(str(k))
+            entries.append([str(k), None, fl.add(frames), [], 0, 0, None, wl, False])
+        with self._lock:
+            futures = [Future(k, self) for k in keys]
+        self._conn.send(P.Submit(entries, keys), fl.frames)
+        if broadcast:
+            wait(futures)
+            self.replicate(futures)
+        if isinstance(data, Mapping):
+            return dict(zip(data.keys(), futures))
+        if isinstance(data, (list, tuple, set, frozenset)):
+            return (
+                type(data)(futures)
+                if not isinstance(data, (set, frozenset))
+                else futures
+            )
+        return futures[0]
+
+    def replicate(
+        self, futures: Any, n: int | None = None, workers: Any = None
+    ) -> None:
+        """Copy results to every worker (or ``n`` of them): a task pinned to each worker
+        takes the futures as inputs, which makes that worker fetch and keep replicas."""
+        futs = _flatten_futures(futures)
+        targets = _worker_list(workers) or list(self.scheduler_info()["workers"])
+        pinned = [
+            self.submit(_count, futs, workers=[a], pure=False)
+            for a in targets[: n or None]
+        ]
+        self.gather(pinned)
+
+    def cancel(
+        self, futures: Any, asynchronous: bool | None = None, force: bool = False
+    ) -> None:
+        futs = _flatten_futures(futures)
+        if futs:
+            self._conn.send(P.Cancel([f.key for f in futs], force))
+
+    # ==================================================================================
+    # results
+
+    def gather(
+        self,
+        futures: Any,
+        errors: str = "raise",
+        direct: bool | None = None,
+        asynchronous: bool | None = None,
+    ) -> Any:
+        """Values of (a structure of) futures, in the same structure."""
+        if errors not in ("raise", "skip"):
+            raise ValueError("errors must be 'raise' or 'skip'")
+        flat = _flatten_futures(futures)
+        for f in flat:
+            f._state.event.wait()
+        values: dict[str, Any] = {}
+        fetch = []
+        for f in flat:
+            st = f._state
+            if st.status == "finished":
+                if st.frames is None and not st.has_value():
+                    fetch.append(f)
+                else:
+                    values[f.key] = st.value()
+            elif errors == "raise":
+                raise st.exception()
+        if fetch:
+            for f, v in zip(fetch, self._fetch_values(fetch, None)):
+                values[f.key] = v
+        return _pack_futures(futures, values, errors == "skip")
+
+    def _fetch_values(self, futures: list[Future], timeout: float | None) -> list[Any]:
+        keys = list(dict.fromkeys(f.key for f in futures))
+        req_id, slot = self._conn.request(lambda r: P.Gather(r, keys), expect=1 << 30)
+        got: dict[str, Any] = {}
+        missing: list[str] = []
+        # Replies may come in parts (one per worker holding data); collect until every
+        # key is answered.
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = 0
+        try:
+            while len(got) + len(missing) < len(keys):
+                remaining = (
+                    None if deadline is None else max(0, deadline - time.monotonic())
+                )
+                if not slot.event.wait(
+                    0.05 if remaining is None else min(0.05, remaining)
+                ):
+                    if self._conn.closed:
+                        raise CommClosedError("client closed while gathering")
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError("gather timed out")
+                for msg, payload in slot.replies[seen:]:
+                    seen += 1
+                    if isinstance(msg, P.Error):
+                        raise CommClosedError(msg.text)
+                    assert isinstance(msg, P.DataReply)
+                    for key, ref in msg.values:
+                        got[key] = serialize.loads(P.ref_frames(payload, ref))
+                    missing.extend(msg.missing)
+                slot.event.clear()
+        finally:
+            self._conn._requests.pop(req_id, None)
+        if missing:
+            from zdist.errors import FutureLostError
+
+            raise FutureLostError(f"the broker no longer holds {missing[:5]}")
+        for f in futures:
+            f._state.set_value(got[f.key])
+        return [got[f.key] for f in futures]
+
+    # ==================================================================================
+    # cluster-wide operations
+
+    def run(
+        self,
+        function: Callable[..., Any],
+        *args: Any,
+        workers: Any = None,
+        wait: bool = True,
+        nanny: bool = False,
+        on_error: str = "raise",
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Run ``function`` on every worker (not as a task); ``{address: result}``."""
+        fn = self._dumps_function(function)
+        arg_frames = serialize.dumps((args, kwargs))
+        req_id, slot = self._conn.request(
+            lambda r: P.RunOnWorkers(r, _worker_list(workers) or []), [fn, *arg_frames]
+        )
+        [(msg, payload)] = self._conn.wait(req_id, slot, None)
+        assert isinstance(msg, P.RunReply)
+        out: dict[str, Any] = {}
+        for address, ok, ref in msg.results:
+            if ref is None:
+                value: Any = CommClosedError(f"worker {address} left before answering")
+                ok = False
+            else:
+                value = serialize.loads(P.ref_frames(payload, ref))
+            if not ok and on_error == "raise":
+                raise value
+            out[address] = value
+        return out
+
+    def scheduler_info(self, **kwargs: Any) -> dict[str, Any]:
+        return self._info("scheduler_info")
+
+    def _info(self, what: str) -> dict[str, Any]:
+        req_id, slot = self._conn.request(lambda r: P.InfoRequest(r, what))
+        [(msg, _)] = self._conn.wait(req_id, slot, self._conn.timeout)
+        assert isinstance(msg, P.InfoReply)
+        return msg.info
+
+    def nthreads(self) -> dict[str, int]:
+        return {a: w["nthreads"] for a, w in self.scheduler_info()["workers"].items()}
+
+    ncores = nthreads
+
+    def wait_for_workers(
+        self, n_workers: int = 1, timeout: float | None = None
+    ) -> None:
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            if len(self.scheduler_info()["workers"]) >= n_workers:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {n_workers} workers after {timeout} s")
+            time.sleep(delay)  # polling the broker; backs off to 0.2 s
+            delay = min(0.2, delay * 2)
+
+    def get_versions(self, check: bool = False, packages: Any = None) -> dict[str, Any]:
+        info = self.scheduler_info()
+        out = {
+            "client": versions(),
+            "scheduler": info["versions"],
+            "workers": {a: w["versions"] for a, w in info["workers"].items()},
+        }
+        if check:
+            problems = mismatches(out["client"], out["scheduler"])
+            for addr, v in out["workers"].items():
+                problems += [
+                    f"worker {addr}: {p}" for p in mismatches(out["client"], v)
+                ]
+            if problems:
+                raise ValueError("version mismatch: " + "; ".join(problems))
+        return out
+
+    def upload_file(self, filename: str, load: bool = True) -> dict[str, Any]:
+        """Send a .py/.zip/.egg file to every worker and put it on their sys.path."""
+        with open(filename, "rb") as f:
+            data = f.read()
+        return self.run(_install_file, os.path.basename(filename), data, load)
+
+    def who_has(self, futures: Any = None) -> dict[str, Any]:
+        raise NotImplementedError("who_has is not available yet")
+
+    @property
+    def dashboard_link(self) -> str | None:
+        return getattr(self.cluster, "dashboard_link", None)
+
+    # ==================================================================================
+    # lifecycle
+
+    def _make_default(self) -> None:
+        global _default_client
+        with _default_lock:
+            self._previous_default = _default_client
+            _default_client = self
+
+    def close(self, timeout: Any = None) -> None:
+        global _default_client
+        if self.status == "closed":
+            return
+        try:
+            self._conn.send(P.ClientClose())
+        except CommClosedError:
+            pass
+        self.status = "closed"
+        self._conn.close()
+        with self._lock:
+            states = list(self._futures.values())
+        for st in states:
+            if not st.event.is_set():
+                st.finish("lost", None, "the client was closed")
+        with _default_lock:
+            if _default_client is self:
+                _default_client = self._previous_default
+        if self._owns_cluster and self.cluster is not None:
+            self.cluster.close()
+
+    shutdown = close
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Client: {self.scheduler_address!r} status={self.status}>"
+
+
+# ======================================================================================
+# helpers
+
+
+def _close_connection(conn: Connection) -> None:
+    try:
+        conn.close()
+    except Exception:
+        pass
+
+
+def _resolve_security(
+    address: str, security: Any, info: dict[str, Any], scheduler_file: str | None
+) -> Security | None:
+    if isinstance(security, Security):
+        return security
+    if security is False:
+        return None
+    if isinstance(security, (str, os.PathLike)):
+        return Security.from_file(security)
+    if info:
+        sec = info.get("security")
+        if sec:
+            return Security.from_dict(sec)
+        if "security" in info:
+            warnings.warn(
+                f"{scheduler_file} says the broker runs without security",
+                UserWarning,
+                stacklevel=3,
+            )
+            return None
+    raise SecurityError(
+        f"no credentials for {address}: zdist clusters are secured by default. Connect "
+        f"with Client(scheduler_file=...) (written by zbroker --scheduler-file), "
+        f"Client(address, security=Security.from_file(path)), or security=False for a "
+        f"broker started with --no-security"
+    )
+
+
+def _funcname(func: Any) -> str:
+    name = getattr(func, "__name__", None) or type(func).__name__
+    return "lambda" if name == "<lambda>" else name
+
+
+def _digest(fn: bytes, frames: list[Any]) -> str:
+    h = hashlib.md5(fn, usedforsecurity=False)
+    for f in frames:
+        h.update(f)
+    return h.hexdigest()
+
+
+def _make_key(func: Any, fn: bytes, frames: list[Any]) -> str:
+    return f"{_funcname(func)}-{_digest(fn, frames)}"
+
+
+def _dumps_args(func: Any, args: Any) -> tuple[list[Any], list[str]]:
+    try:
+        return serialize.dumps_args(args)
+    except Exception as exc:
+        raise TypeError(
+            f"cannot serialize the arguments of {_funcname(func)}: {exc}"
+        ) from exc
+
+
+def _worker_list(workers: Any) -> list[str] | None:
+    if workers is None:
+        return None
+    if isinstance(workers, str):
+        return [workers]
+    return [str(w) for w in workers]
+
+
+def _flatten_futures(x: Any) -> list[Future]:
+    if isinstance(x, Future):
+        return [x]
+    if isinstance(x, Mapping):
+        return [f for v in x.values() for f in _flatten_futures(v)]
+    if isinstance(x, (list, tuple, set, frozenset, Iterator)):
+        return [f for v in x for f in _flatten_futures(v)]
+    return []
+
+
+class _Skip:
+    pass
+
+
+def _pack_futures(x: Any, values: dict[str, Any], skip: bool) -> Any:
+    if isinstance(x, Future):
+        return values.get(x.key, _Skip) if skip else values[x.key]
+    if isinstance(x, Mapping):
+        out = {k: _pack_futures(v, values, skip) for k, v in x.items()}
+        return {k: v for k, v in out.items() if v is not _Skip}
+    if isinstance(x, (list, tuple, set, frozenset)):
+        items = [_pack_futures(v, values, skip) for v in x]
+        items = [v for v in items if v is not _Skip]
+        return type(x)(items) if not isinstance(x, (set, frozenset)) else items
+    return x
+
+
+def _toposort(deps_of: dict[Hashable, set[Hashable]]) -> list[Hashable]:
+    indegree = {k: 0 for k in deps_of}
+    dependents: dict[Hashable, list[Hashable]] = {}
+    for k, deps in deps_of.items():
+        for d in deps:
+            if d in deps_of:
+                indegree[k] += 1
+                dependents.setdefault(d, []).append(k)
+    order = [k for k, n in indegree.items() if n == 0]
+    for k in order:
+        for dk in dependents.get(k, ()):
+            indegree[dk] -= 1
+            if indegree[dk] == 0:
+                order.append(dk)
+    if len(order) < len(deps_of):
+        stuck = [k for k, n in indegree.items() if n > 0]
+        raise GraphError(f"the graph has a cycle among {stuck[:5]!r}")
+    return order
+
+
+def _count(xs: list[Any]) -> int:
+    return len(xs)
+
+
+def _install_file(name: str, data: bytes, load: bool) -> str:
+    import importlib
+    import sys
+
+    from zdist.worker.context import get_worker
+
+    directory = get_worker().local_directory
+    path = os.path.join(directory, name)
+    with open(path, "wb") as f:
+        f.write(data)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    if name.endswith((".zip", ".egg")) and path not in sys.path:
+        sys.path.insert(0, path)
+    importlib.invalidate_caches()
+    if load and name.endswith(".py"):
+        mod = name[:-3]
+        if mod in sys.modules:
+            importlib.reload(sys.modules[mod])
+        else:
+            importlib.import_module(mod)
+    return path
+
+
+def wait(
+    fs: Any, timeout: float | None = None, return_when: str = "ALL_COMPLETED"
+) -> Any:
+    from zdist.client.waiting import wait as _wait
+
+    return _wait(fs, timeout, return_when)

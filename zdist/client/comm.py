@@ -1,0 +1,203 @@
+"""The client's connection: an I/O thread that owns the DEALER socket to the broker.
+
+User threads never touch the socket. They append to an outbox and write one byte to a
+pipe the I/O thread polls; replies come back by setting FutureState objects or request
+slots. This keeps ZeroMQ's one-thread-per-socket rule without an event loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from zdist import protocol as P
+from zdist.errors import CommClosedError
+from zdist.security import Security
+
+logger = logging.getLogger(__name__)
+
+
+class Request:
+    """A reply slot a user thread waits on."""
+
+    __slots__ = ("event", "expect", "replies")
+
+    def __init__(self, expect: int = 1) -> None:
+        self.event = threading.Event()
+        self.replies: list[tuple[P.Message, list[Any]]] = []
+        self.expect = expect
+
+
+class Connection:
+    def __init__(
+        self,
+        address: str,
+        security: Security | None,
+        on_message: Callable[[P.Message, list[Any]], None],
+        on_lost: Callable[[str], None],
+        timeout: float,
+    ) -> None:
+        self.address = address
+        self.security = security
+        self.timeout = timeout
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.sndhwm = 0
+        self.sock.rcvhwm = 0
+        self.sock.identity = f"c-{uuid.uuid4().hex}".encode()
+        if security:
+            security.configure_client(self.sock)
+        self._outbox: deque[tuple[P.Message, Any]] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._requests: dict[int, Request] = {}
+        self._req = itertools.count(1)
+        self._stop = threading.Event()
+        self.closed = False
+        self.heartbeat_interval = P.CLIENT_HEARTBEAT_INTERVAL
+        self.welcome: P.Welcome | None = None
+        self._welcomed = threading.Event()
+        self._last_heard = time.monotonic()
+        self._thread = threading.Thread(
+            target=self._run, name="zdist-client-io", daemon=True
+        )
+
+    # --- user side --------------------------------------------------------------------
+
+    def start(self, register: P.RegisterClient) -> P.Welcome:
+        self.sock.connect(self.address)
+        self._thread.start()
+        self.send(register)
+        if not self._welcomed.wait(self.timeout):
+            self.close()
+            raise TimeoutError(
+                f"no answer from a zdist broker at {self.address} within {self.timeout} s: "
+                f"check the address, that the broker runs, and that you hold this "
+                f"cluster's keys (CurveZMQ refuses a wrong key pair silently)"
+            )
+        assert self.welcome is not None
+        return self.welcome
+
+    def send(self, msg: P.Message, payload: Any = ()) -> None:
+        if self.closed:
+            raise CommClosedError("this client is closed")
+        self._outbox.append((msg, payload))
+        os.write(self._wake_w, b"x")
+
+    def request(
+        self, make: Callable[[int], P.Message], payload: Any = (), expect: int = 1
+    ) -> tuple[int, Request]:
+        req_id = next(self._req)
+        slot = self._requests[req_id] = Request(expect)
+        self.send(make(req_id), payload)
+        return req_id, slot
+
+    def wait(
+        self, req_id: int, slot: Request, timeout: float | None
+    ) -> list[tuple[P.Message, list[Any]]]:
+        try:
+            if not slot.event.wait(timeout):
+                raise TimeoutError(f"no reply from the broker within {timeout} s")
+        finally:
+            self._requests.pop(req_id, None)
+        if self.closed and not slot.replies:
+            raise CommClosedError("the connection to the broker was closed")
+        return slot.replies
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(5)
+        for slot in list(self._requests.values()):
+            slot.event.set()
+
+    # --- I/O thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        last_sent = time.monotonic()
+        try:
+            while True:
+                events = dict(poller.poll(250))
+                if self._wake_r in events:
+                    try:
+                        while os.read(self._wake_r, 65536):
+                            pass
+                    except BlockingIOError:
+                        pass
+                outbox = self._outbox
+                while outbox:
+                    msg, payload = outbox.popleft()
+                    self.sock.send_multipart(P.encode(msg, payload), copy=False)
+                    last_sent = time.monotonic()
+                if self._stop.is_set():
+                    return
+                if self.sock in events:
+                    self._receive()
+                now = time.monotonic()
+                if self.welcome is not None:
+                    if now - last_sent > self.heartbeat_interval:
+                        self.sock.send_multipart(P.encode(P.Heartbeat({})), copy=False)
+                        last_sent = now
+                    if now - self._last_heard > max(
+                        self.timeout, 3 * self.heartbeat_interval
+                    ):
+                        self._on_lost(
+                            f"the broker at {self.address} has not answered for "
+                            f"{now - self._last_heard:.0f} s"
+                        )
+                        self._last_heard = now
+        except Exception:
+            logger.exception("client I/O thread failed")
+            self._on_lost("the client's I/O thread failed")
+        finally:
+            self.sock.close(linger=0)
+            self.ctx.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._last_heard = time.monotonic()
+            try:
+                msg, payload = P.decode(frames)
+            except P.ProtocolError as exc:
+                logger.warning("dropped a message from the broker: %s", exc)
+                continue
+            req_id = getattr(msg, "request_id", 0)
+            if isinstance(msg, P.Welcome):
+                self.welcome = msg
+                self.heartbeat_interval = msg.heartbeat_interval
+                self._welcomed.set()
+            elif req_id and req_id in self._requests:
+                slot = self._requests[req_id]
+                slot.replies.append((msg, payload))
+                if len(slot.replies) >= slot.expect or isinstance(msg, P.Error):
+                    slot.event.set()
+            else:
+                self._on_message(msg, payload)

@@ -1,0 +1,431 @@
+"""LocalCluster: a real broker and real workers on this machine.
+
+With ``processes=True`` (the default) the broker is a child ``zbroker`` process and each
+worker a child ``zworker`` (the same code the command runs). Keys reach them on stdin,
+never argv; stdin stays open as a lifeline, so every child exits when this process dies,
+even by SIGKILL, and no orphan survives a killed notebook. ``processes=False`` runs the
+broker and workers as threads of this process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from typing import Any
+
+from zdist.client.jobscript import nprocesses_nthreads
+from zdist.errors import ZdistError
+from zdist.security import Security
+from zdist.worker.nanny import worker_environment
+
+logger = logging.getLogger(__name__)
+
+
+class BrokerProcess:
+    """A ``zbroker`` child process; ``address`` once it listens."""
+
+    def __init__(
+        self,
+        security: Security | None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        interface: str | None = None,
+        scheduler_file: str | None = None,
+        extra_args: tuple[str, ...] = (),
+        log_level: str = "warning",
+        timeout: float = 30,
+    ) -> None:
+        args = [
+            sys.executable,
+            "-m",
+            "zdist.broker",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--lifeline",
+            "--log-level",
+            log_level,
+            *extra_args,
+        ]
+        if interface:
+            args += ["--interface", interface]
+        if scheduler_file:
+            args += ["--scheduler-file", scheduler_file]
+        args += ["--security-file", "-"] if security else ["--no-security"]
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        if security:
+            self.proc.stdin.write(json.dumps(security.to_dict()).encode() + b"\n")
+            self.proc.stdin.flush()
+        self.address = self._read_address(timeout)
+        self.pid = self.proc.pid
+
+    def _read_address(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        result: list[bytes] = []
+        reader = threading.Thread(
+            target=lambda: result.append(self.proc.stdout.readline()),  # type: ignore[union-attr]
+            daemon=True,
+        )
+        reader.start()
+        reader.join(timeout)
+        line = result[0].decode() if result else ""
+        if "listening at " not in line:
+            self.close()
+            raise ZdistError(
+                f"zbroker did not start (exit code {self.proc.returncode}); "
+                f"see its messages above"
+            )
+        return line.split("listening at ", 1)[1].strip()
+
+    def close(self, timeout: float = 10) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+
+class WorkerProcess:
+    """A ``zworker`` child (a supervisor with one worker process under it)."""
+
+    def __init__(
+        self,
+        address: str,
+        security: Security | None,
+        name: str,
+        nthreads: int,
+        memory_limit: str | int,
+        resources: dict[str, float] | None = None,
+        local_directory: str | None = None,
+        log_level: str = "warning",
+        nanny: bool = True,
+    ) -> None:
+        args = [
+            sys.executable,
+            "-m",
+            "zdist.worker",
+            address,
+            "--name",
+            name,
+            "--nthreads",
+            str(nthreads),
+            "--memory-limit",
+            str(memory_limit),
+            "--lifeline",
+            "--log-level",
+            log_level,
+            "--nanny" if nanny else "--no-nanny",
+        ]
+        if resources:
+            args += ["--resources", " ".join(f"{k}={v}" for k, v in resources.items())]
+        if local_directory:
+            args += ["--local-directory", local_directory]
+        args += ["--security-file", "-"] if security else ["--no-security"]
+        self.name = name
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.PIPE, env=worker_environment()
+        )
+        assert self.proc.stdin is not None
+        if security:
+            self.proc.stdin.write(json.dumps(security.to_dict()).encode() + b"\n")
+            self.proc.stdin.flush()
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+
+class _ThreadedWorker:
+    def __init__(
+        self,
+        address: str,
+        security: Security | None,
+        name: str,
+        nthreads: int,
+        memory_limit: int,
+        resources: dict[str, float] | None,
+        local_directory: str | None,
+    ) -> None:
+        from zdist.worker.worker import Worker, WorkerConfig
+
+        self.name = name
+        self.worker = Worker(
+            WorkerConfig(
+                address=address,
+                security=security,
+                name=name,
+                nthreads=nthreads,
+                memory_limit=memory_limit,
+                resources=dict(resources or {}),
+                local_directory=local_directory or "",
+            )
+        )
+        self.thread = threading.Thread(target=self.worker.run, name=name, daemon=True)
+        self.thread.start()
+
+    def terminate(self) -> None:
+        self.worker.close_gracefully("scaled down")
+
+    def wait(self, timeout: float) -> None:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.worker.stop()
+            self.thread.join(timeout)
+
+
+class LocalCluster:
+    """dask.distributed's LocalCluster on zdist (same arguments and defaults)."""
+
+    def __init__(
+        self,
+        n_workers: int | None = None,
+        threads_per_worker: int | None = None,
+        processes: bool = True,
+        memory_limit: str | int = "auto",
+        host: str | None = "127.0.0.1",
+        scheduler_port: int = 0,
+        security: Security | bool | None = True,
+        resources: dict[str, float] | None = None,
+        local_directory: str | None = None,
+        dashboard_address: str | None = None,
+        silence_logs: int | bool = logging.WARNING,
+        name: str | None = None,
+        nanny: bool = True,
+        timeout: float = 30,
+        **kwargs: Any,
+    ) -> None:
+        unknown = set(kwargs) - {
+            "worker_class",
+            "asynchronous",
+            "loop",
+            "interface",
+            "protocol",
+            "worker_dashboard_address",
+            "diagnostics_port",
+            "services",
+            "service_kwargs",
+            "scheduler_kwargs",
+            "worker_kwargs",
+            "blocked_handlers",
+            "deploy_mode",
+            "shutdown_on_close",
+            "lifetime",
+            "lifetime_stagger",
+        }
+        if unknown:
+            raise TypeError(f"LocalCluster got unexpected arguments: {sorted(unknown)}")
+        cores = os.cpu_count() or 1
+        if n_workers is None and threads_per_worker is None:
+            if processes:
+                n_workers, threads_per_worker = nprocesses_nthreads(cores)
+            else:
+                n_workers, threads_per_worker = 1, cores
+        elif n_workers is None:
+            n_workers = max(1, cores // max(1, threads_per_worker or 1))
+        elif threads_per_worker is None:
+            threads_per_worker = max(1, cores // max(1, n_workers))
+        self.threads_per_worker = threads_per_worker
+        self.processes = processes
+        self.memory_limit = memory_limit
+        self.resources = resources
+        self.local_directory = local_directory
+        self.nanny = nanny
+        self.name = name or "LocalCluster"
+        self.timeout = timeout
+        self._log_level = "warning" if silence_logs else "info"
+        if security is True or security is None:
+            self.security: Security | None = Security.temporary()
+        elif security is False:
+            self.security = None
+            logger.warning(
+                "LocalCluster without security: anyone on this machine can "
+                "submit code to it"
+            )
+        else:
+            self.security = security
+        self.workers: dict[str, Any] = {}
+        self._counter = 0
+        self._broker_thread: threading.Thread | None = None
+        self._broker_proc: BrokerProcess | None = None
+        self._closed = False
+        self._client: Any = None
+        self.dashboard_link: str | None = None
+        if processes:
+            self._broker_proc = BrokerProcess(
+                self.security,
+                host or "127.0.0.1",
+                scheduler_port,
+                log_level=self._log_level,
+            )
+            self.scheduler_address = self._broker_proc.address
+            self.broker_pid = self._broker_proc.pid
+        else:
+            from zdist.broker.server import BrokerServer, ServerConfig
+
+            self._server = BrokerServer(
+                ServerConfig(host=host or "127.0.0.1", port=scheduler_port),
+                self.security,
+            )
+            self.scheduler_address = self._server.address
+            self.broker_pid = os.getpid()
+            self._broker_thread = threading.Thread(
+                target=self._server.serve_forever, name="zdist-broker", daemon=True
+            )
+            self._broker_thread.start()
+        self._finalizer = weakref.finalize(
+            self,
+            _shutdown,
+            self.workers,
+            self._broker_proc,
+            self._broker_thread and self._server,
+        )
+        try:
+            self.scale(n_workers)
+            self._wait_for_workers(n_workers, timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    # ----------------------------------------------------------------------------------
+
+    def _control(self) -> Any:
+        if self._client is None:
+            from zdist.client.client import Client
+
+            self._client = Client(
+                self.scheduler_address,
+                security=self.security or False,
+                set_as_default=False,
+                timeout=self.timeout,
+            )
+        return self._client
+
+    def _wait_for_workers(self, n: int, timeout: float) -> None:
+        if n:
+            self._control().wait_for_workers(n, timeout)
+
+    def _start_worker(self) -> None:
+        name = f"{self._counter}"
+        self._counter += 1
+        if self.processes:
+            self.workers[name] = WorkerProcess(
+                self.scheduler_address,
+                self.security,
+                name,
+                self.threads_per_worker or 1,
+                self.memory_limit if self.memory_limit is not None else 0,
+                self.resources,
+                self.local_directory,
+                self._log_level,
+                self.nanny,
+            )
+        else:
+            from zdist.worker.cli import resolve_memory_limit
+
+            limit = (
+                self.memory_limit
+                if isinstance(self.memory_limit, int)
+                else resolve_memory_limit(str(self.memory_limit), 1)
+            )
+            self.workers[name] = _ThreadedWorker(
+                self.scheduler_address,
+                self.security,
+                name,
+                self.threads_per_worker or 1,
+                limit,
+                self.resources,
+                self.local_directory,
+            )
+
+    def scale(
+        self, n: int | None = None, memory: Any = None, cores: Any = None
+    ) -> None:
+        """Have ``n`` workers: start new ones or stop the newest (gracefully)."""
+        if n is None:
+            raise ValueError("scale() needs the number of workers")
+        while len(self.workers) < n:
+            self._start_worker()
+        stopping = []
+        while len(self.workers) > n:
+            name = list(self.workers)[-1]
+            w = self.workers.pop(name)
+            w.terminate()
+            stopping.append(w)
+        for w in stopping:
+            w.wait(30)
+
+    def wait_for_workers(self, n_workers: int, timeout: float | None = None) -> None:
+        self._control().wait_for_workers(n_workers, timeout)
+
+    def get_client(self) -> Any:
+        from zdist.client.client import Client
+
+        return Client(self)
+
+    def close(self, timeout: float | None = None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self._finalizer()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"LocalCluster({self.scheduler_address!r}, workers={len(self.workers)}, "
+            f"threads={len(self.workers) * (self.threads_per_worker or 1)})"
+        )
+
+
+def _shutdown(
+    workers: dict[str, Any], broker: BrokerProcess | None, server: Any
+) -> None:
+    ws = list(workers.values())
+    workers.clear()
+    for w in ws:
+        w.terminate()
+    for w in ws:
+        w.wait(10)
+    if broker is not None:
+        broker.close()
+    if server:
+        server.stop()
+    time.sleep(0)

@@ -1,0 +1,444 @@
+"""The wire contract between clients, the broker and workers.
+
+Every message is ``[VERSION, op, header, *payload]``:
+
+- ``VERSION`` is one frame, :data:`VERSION`; a peer speaking another version is dropped.
+- ``op`` is one byte, an :class:`Op`.
+- ``header`` is msgpack of the message's fields, in declaration order.
+- ``payload`` frames are opaque bytes: pickled functions, arguments, results. The broker
+  forwards them without unpickling (the header says which frames belong to what).
+
+Each message is declared once below as a frozen slotted dataclass registered under its
+op; :func:`encode` and :func:`decode` are the only codecs. Field types are checked at
+decode, so a well-formed but wrongly typed header is rejected as :class:`ProtocolError`
+before any state changes.
+
+Frame references in headers are ``[start, count]`` pairs into the payload frames: a value
+pickled with protocol 5 is one pickle frame plus its out-of-band buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import msgpack
+
+VERSION = b"ZD1"
+
+#: Seconds between heartbeats the broker asks of workers; any message counts as one.
+HEARTBEAT_INTERVAL = 1.0
+#: A worker silent for this many intervals is declared dead. 3-10 is reasonable: lower
+#: reacts faster to a dead node, higher tolerates a loaded login node.
+WORKER_LIVENESS = 10
+#: Clients heartbeat too, but a busy notebook must not lose its tasks: be generous.
+CLIENT_HEARTBEAT_INTERVAL = 2.0
+CLIENT_LIVENESS = 60
+#: Results at most this large travel inline with their completion notice and are kept
+#: by the broker, which saves a fetch round trip for the many tiny results of fine
+#: grained graphs. Larger results stay on the worker and move peer to peer.
+INLINE_LIMIT = 64 * 1024
+#: Frames per message above which a receiver drops it (a 1,000,000-task graph fits).
+MAX_FRAMES_DEFAULT = 4_000_000
+#: Bytes per message above which a receiver drops it.
+MAX_MESSAGE_BYTES_DEFAULT = 8 * 1024**3
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this module's contract."""
+
+
+class Op(enum.IntEnum):
+    # worker <-> broker
+    REGISTER_WORKER = 1
+    WELCOME = 2
+    HEARTBEAT = 3
+    RUN_TASKS = 4
+    TASK_RESULTS = 5
+    FREE_KEYS = 6
+    SEND_DATA = 7
+    DATA_REPLY = 8
+    RUN_FUNCTION = 9
+    FUNCTION_RESULT = 10
+    WORKER_STATUS = 11
+    CANCEL_TASKS = 12
+    TASK_SECEDED = 13
+    # worker <-> worker (data port)
+    GET_DATA = 20
+    # client <-> broker
+    REGISTER_CLIENT = 30
+    SUBMIT = 31
+    TASK_UPDATES = 32
+    RELEASE_KEYS = 33
+    GATHER = 34
+    CANCEL = 35
+    RUN_ON_WORKERS = 36
+    RUN_REPLY = 37
+    INFO_REQUEST = 38
+    INFO_REPLY = 39
+    CLIENT_CLOSE = 40
+    ERROR = 41
+    FIRE_AND_FORGET = 42
+
+
+_REGISTRY: dict[int, type[Message]] = {}
+
+
+class Message:
+    """Base of all messages; subclasses are frozen slotted dataclasses with an ``op``."""
+
+    __slots__ = ()
+    op: ClassVar[Op]
+    _types: ClassVar[tuple[type | tuple[type, ...], ...]]
+    _fields: ClassVar[tuple[str, ...]]
+
+
+def message(op: Op):
+    """Declare a message class: makes it a frozen slotted dataclass and registers it."""
+
+    def wrap(cls: type) -> type:
+        cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
+        fields = dataclasses.fields(cls)
+        cls.op = op
+        cls._fields = tuple(f.name for f in fields)
+        cls._types = tuple(_runtime_type(f.type) for f in fields)
+        if op in _REGISTRY:
+            raise RuntimeError(f"op {op!r} declared twice")
+        _REGISTRY[op] = cls
+        return cls
+
+    return wrap
+
+
+_TYPE_NAMES: dict[str, type | tuple[type, ...]] = {
+    "str": str,
+    "int": int,
+    "float": (float, int),
+    "bool": bool,
+    "bytes": bytes,
+    "list": list,
+    "dict": dict,
+    "str | None": (str, type(None)),
+    "int | None": (int, type(None)),
+    "float | None": (float, int, type(None)),
+    "dict | None": (dict, type(None)),
+    "list | None": (list, type(None)),
+}
+
+
+def _runtime_type(annotation: Any) -> type | tuple[type, ...]:
+    name = annotation if isinstance(annotation, str) else annotation.__name__
+    base = name.split("[", 1)[0]
+    if base not in _TYPE_NAMES:
+        raise TypeError(f"unsupported field annotation {name!r}")
+    return _TYPE_NAMES[base]
+
+
+# --------------------------------------------------------------------------------------
+# worker <-> broker
+
+
+@message(Op.REGISTER_WORKER)
+class RegisterWorker(Message):
+    name: str
+    nthreads: int
+    memory_limit: int
+    resources: dict
+    data_address: str
+    host: str
+    pid: int
+    local_directory: str
+    versions: dict
+    #: Keys this worker holds already: a worker re-registering with a restarted broker.
+    keys: list
+
+
+@message(Op.WELCOME)
+class Welcome(Message):
+    """Broker -> worker or client: registration accepted; the broker owns the timing."""
+
+    heartbeat_interval: float
+    liveness: int
+    versions: dict
+    address: str
+
+
+@message(Op.HEARTBEAT)
+class Heartbeat(Message):
+    #: Worker metrics (memory, executing, ready) or empty from clients and the broker.
+    metrics: dict
+
+
+@message(Op.RUN_TASKS)
+class RunTasks(Message):
+    """Broker -> worker. ``tasks``: ``[key, fn_ref, args_ref, deps, resources]`` where
+    ``deps`` is ``[[dep_key, where], ...]`` and ``where`` is ``[start, count]`` (inline
+    frames in this message), a peer's data address, or ``""`` (already on this worker).
+    ``fn_ref`` is ``None`` for scattered data (``args_ref`` is the value)."""
+
+    tasks: list
+
+
+@message(Op.TASK_RESULTS)
+class TaskResults(Message):
+    """Worker -> broker, a batch. ``results``: ``[key, status, nbytes, typename, ref,
+    text, duration]``; ``status`` is ``"memory"`` (ref: inline result frames or ``None``),
+    ``"error"`` (ref: pickled exception + traceback frames, text: ``type: message``),
+    or ``"missing"`` (text: the dependency key that could not be fetched, typename:
+    the peer that failed to give it). ``duration`` is the run time in seconds (-1 for
+    a replica fetched from a peer)."""
+
+    results: list
+
+
+@message(Op.FREE_KEYS)
+class FreeKeys(Message):
+    keys: list
+
+
+@message(Op.SEND_DATA)
+class SendData(Message):
+    """Broker -> worker: reply with these keys' values, for request ``request_id``."""
+
+    request_id: int
+    keys: list
+
+
+@message(Op.DATA_REPLY)
+class DataReply(Message):
+    """Reply to :class:`SendData` or :class:`GetData`: ``values`` is ``[key, ref]``;
+    ``missing`` lists keys the sender does not hold."""
+
+    request_id: int
+    values: list
+    missing: list
+
+
+@message(Op.RUN_FUNCTION)
+class RunFunction(Message):
+    """Broker -> worker: run the pickled function in frame 0 with args in frame 1."""
+
+    request_id: int
+
+
+@message(Op.FUNCTION_RESULT)
+class FunctionResult(Message):
+    """Worker -> broker: ``ok`` and the pickled result (or exception) in the payload."""
+
+    request_id: int
+    ok: bool
+
+
+@message(Op.WORKER_STATUS)
+class WorkerStatus(Message):
+    """Worker -> broker: ``"paused"``, ``"running"``, or ``"closing"`` (a planned exit:
+    ``returned`` lists the queued task keys it hands back; never counted as a failure).
+    """
+
+    status: str
+    returned: list
+
+
+@message(Op.CANCEL_TASKS)
+class CancelTasks(Message):
+    keys: list
+
+
+@message(Op.TASK_SECEDED)
+class TaskSeceded(Message):
+    """Worker -> broker: this task left its thread (secede()); its slot is free."""
+
+    key: str
+
+
+# --------------------------------------------------------------------------------------
+# worker <-> worker
+
+
+@message(Op.GET_DATA)
+class GetData(Message):
+    request_id: int
+    keys: list
+
+
+# --------------------------------------------------------------------------------------
+# client <-> broker
+
+
+@message(Op.REGISTER_CLIENT)
+class RegisterClient(Message):
+    name: str
+    versions: dict
+
+
+@message(Op.SUBMIT)
+class Submit(Message):
+    """Client -> broker. ``tasks``: ``[key, fn_ref, args_ref, deps, priority, retries,
+    resources, workers, allow_other_workers]``, dependencies before dependents where
+    possible. ``wants``: keys the client holds futures for (new or already known)."""
+
+    tasks: list
+    wants: list
+
+
+@message(Op.TASK_UPDATES)
+class TaskUpdates(Message):
+    """Broker -> client, a batch. ``updates``: ``[key, status, ref, text]``; status is
+    ``finished`` (ref: inline result or ``None``), ``error`` (ref: exception frames,
+    text: its description), ``cancelled`` or ``lost`` (text says why)."""
+
+    updates: list
+
+
+@message(Op.RELEASE_KEYS)
+class ReleaseKeys(Message):
+    keys: list
+
+
+@message(Op.GATHER)
+class Gather(Message):
+    request_id: int
+    keys: list
+
+
+@message(Op.CANCEL)
+class Cancel(Message):
+    keys: list
+    force: bool
+
+
+@message(Op.RUN_ON_WORKERS)
+class RunOnWorkers(Message):
+    """Client -> broker: function + args frames to run on ``workers`` (all if empty)."""
+
+    request_id: int
+    workers: list
+
+
+@message(Op.RUN_REPLY)
+class RunReply(Message):
+    """Broker -> client: ``results`` is ``[worker_address, ok, ref]``."""
+
+    request_id: int
+    results: list
+
+
+@message(Op.INFO_REQUEST)
+class InfoRequest(Message):
+    request_id: int
+    what: str
+
+
+@message(Op.INFO_REPLY)
+class InfoReply(Message):
+    request_id: int
+    info: dict
+
+
+@message(Op.CLIENT_CLOSE)
+class ClientClose(Message):
+    pass
+
+
+@message(Op.FIRE_AND_FORGET)
+class FireAndForget(Message):
+    """Client -> broker: run these keys to completion even after the client leaves."""
+
+    keys: list
+
+
+@message(Op.ERROR)
+class Error(Message):
+    """Broker -> client: request ``request_id`` (0: none) failed with ``text``."""
+
+    request_id: int
+    text: str
+
+
+# --------------------------------------------------------------------------------------
+# codecs
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def encode(msg: Message, payload: Sequence[Any] = ()) -> list[Any]:
+    """Frames for ``msg``: version, op, header, then ``payload`` unchanged."""
+    header = _packb([getattr(msg, name) for name in msg._fields])
+    return [VERSION, bytes((msg.op,)), header, *payload]
+
+
+def decode(frames: Sequence[Any]) -> tuple[Message, list[Any]]:
+    """Parse received frames (bytes or zmq.Frame) into a message and its payload.
+
+    Raises :class:`ProtocolError` for anything that is not a well-formed message of
+    this version; the caller logs and drops it.
+    """
+    if len(frames) < 3:
+        raise ProtocolError(f"{len(frames)} frames, expected at least 3")
+    if _bytes(frames[0]) != VERSION:
+        raise ProtocolError(
+            f"protocol version {_bytes(frames[0])[:16]!r} != {VERSION!r}"
+        )
+    op = _bytes(frames[1])
+    cls = _REGISTRY.get(op[0]) if len(op) == 1 else None
+    if cls is None:
+        raise ProtocolError(f"unknown op {op[:8]!r}")
+    try:
+        fields = msgpack.unpackb(_bytes(frames[2]), raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise ProtocolError(f"undecodable {cls.__name__} header: {exc}") from None
+    if not isinstance(fields, list) or len(fields) != len(cls._fields):
+        raise ProtocolError(f"{cls.__name__} header has the wrong shape")
+    for name, value, typ in zip(cls._fields, fields, cls._types):
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ProtocolError(
+                f"{cls.__name__}.{name} is {type(value).__name__}, not {typ}"
+            )
+    return cls(*fields), list(frames[3:])
+
+
+def _bytes(frame: Any) -> bytes:
+    return frame if isinstance(frame, bytes) else frame.bytes
+
+
+def ref_frames(payload: Sequence[Any], ref: Any) -> list[Any]:
+    """The payload frames that a ``[start, count]`` reference names, checked."""
+    if (
+        not isinstance(ref, list)
+        or len(ref) != 2
+        or not all(type(x) is int for x in ref)
+        or ref[0] < 0
+        or ref[1] < 1
+        or ref[0] + ref[1] > len(payload)
+    ):
+        raise ProtocolError(f"bad frame reference {ref!r}")
+    return list(payload[ref[0] : ref[0] + ref[1]])
+
+
+class FrameList:
+    """Builds a payload while handing out ``[start, count]`` references into it."""
+
+    __slots__ = ("_index", "frames")
+
+    def __init__(self) -> None:
+        self.frames: list[Any] = []
+        self._index: dict[int, list[int]] = {}
+
+    def add(self, frames: Sequence[Any], share: bool = False) -> list[int]:
+        """Append ``frames``; with ``share``, the same frames object is added once."""
+        if share:
+            ref = self._index.get(id(frames))
+            if ref is not None:
+                return ref
+        ref = [len(self.frames), len(frames)]
+        self.frames.extend(frames)
+        if share:
+            self._index[id(frames)] = ref
+        return ref
+
+
+def message_types() -> dict[int, type[Message]]:
+    """Every declared message class by op (the round-trip test walks this)."""
+    return dict(_REGISTRY)

@@ -1,0 +1,162 @@
+"""CurveZMQ credentials for a cluster, and the scheduler file that carries them.
+
+A cluster has two key pairs. The *server* pair belongs to whatever accepts connections
+(the broker's ROUTER and every worker's data port); the *member* pair is held by every
+client and worker. Servers run a ZAP handler that admits only the member public key, so
+knowing the broker's public key is not enough to connect: a peer needs the member secret,
+which lives only in memory, in a child's stdin, or in a 0600 scheduler/security file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth.thread
+
+from zdist.errors import SecurityError
+
+logger = logging.getLogger(__name__)
+
+_FIELDS = ("server_public", "server_secret", "member_public", "member_secret")
+
+
+@dataclass(frozen=True, repr=False)
+class Security:
+    """The cluster's keys (z85 text). ``repr`` never shows secrets."""
+
+    server_public: str
+    server_secret: str
+    member_public: str
+    member_secret: str
+
+    def __repr__(self) -> str:
+        return f"Security(server_public={self.server_public[:8]}..., secrets hidden)"
+
+    @classmethod
+    def temporary(cls) -> Security:
+        """Fresh keys, made in memory (dask's ``Security.temporary`` name)."""
+        server_public, server_secret = zmq.curve_keypair()
+        member_public, member_secret = zmq.curve_keypair()
+        return cls(
+            server_public.decode(),
+            server_secret.decode(),
+            member_public.decode(),
+            member_secret.decode(),
+        )
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Security:
+        if not isinstance(data, dict) or not all(
+            isinstance(data.get(f), str) and len(data[f]) == 40 for f in _FIELDS
+        ):
+            raise SecurityError("credentials must hold four 40-character z85 keys")
+        return cls(*(data[f] for f in _FIELDS))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Security:
+        """Read keys from a security file or a scheduler file (``security`` member)."""
+        data = read_json_file(path)
+        sec = data.get("security", data)
+        if sec is None:
+            raise SecurityError(f"{path} says the cluster runs without security")
+        return cls.from_dict(sec)
+
+    def to_dict(self) -> dict[str, str]:
+        return {f: getattr(self, f) for f in _FIELDS}
+
+    # --- sockets ----------------------------------------------------------------------
+
+    def configure_server(self, sock: zmq.Socket[Any]) -> None:
+        sock.curve_secretkey = self.server_secret.encode()
+        sock.curve_publickey = self.server_public.encode()
+        sock.curve_server = True
+
+    def configure_client(self, sock: zmq.Socket[Any]) -> None:
+        sock.curve_serverkey = self.server_public.encode()
+        sock.curve_publickey = self.member_public.encode()
+        sock.curve_secretkey = self.member_secret.encode()
+
+    def start_authenticator(
+        self, ctx: zmq.Context[Any]
+    ) -> zmq.auth.thread.ThreadAuthenticator:
+        """A ZAP handler on ``ctx`` admitting only the member key (an allow-list)."""
+        auth = zmq.auth.thread.ThreadAuthenticator(ctx, log=logger)
+        auth.start()
+        auth.configure_curve_callback("*", credentials_provider=_MemberOnly(self))
+        return auth
+
+
+class _MemberOnly:
+    def __init__(self, security: Security) -> None:
+        self._key = security.member_public.encode()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        ok = (
+            zmq.utils.z85.encode(key) == self._key
+            if len(key) == 32
+            else key == self._key
+        )
+        if not ok:
+            logger.warning("refused a CURVE connection from an unknown key")
+        return ok
+
+
+def read_security_stream(stream: Any = None) -> Security | None:
+    """Read one JSON line of credentials (``null`` for none) from ``stream`` (stdin)."""
+    line = (stream or sys.stdin.buffer).readline()
+    if not line:
+        raise SecurityError("expected credentials on standard input, got end of file")
+    data = json.loads(line)
+    return None if data is None else Security.from_dict(data)
+
+
+def read_json_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise SecurityError(f"scheduler/security file {p} does not exist") from None
+    except OSError as exc:
+        raise SecurityError(f"cannot read {p}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise SecurityError(f"{p} is not a zdist scheduler or security file") from None
+    if not isinstance(data, dict):
+        raise SecurityError(f"{p} is not a zdist scheduler or security file")
+    mode = p.stat().st_mode
+    if mode & (stat.S_IRGRP | stat.S_IROTH) and data.get("security"):
+        logger.warning("%s holds cluster keys and is readable by other users", p)
+    return data
+
+
+def write_private_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON to a file only its owner can read (mode 0600).
+
+    Refuses a world-writable directory without the sticky bit, where another user could
+    replace the file between our write and a reader's open.
+    """
+    p = Path(path).absolute()
+    parent = p.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    pmode = parent.stat().st_mode
+    if pmode & stat.S_IWOTH and not pmode & stat.S_ISVTX:
+        raise SecurityError(
+            f"refusing to write {p}: {parent} is world-writable without the sticky bit"
+        )
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, json.dumps(data, indent=2).encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, p)

@@ -1,0 +1,1 @@
+"""DEALER workers, their supervisor (nanny) and the zworker CLI."""

@@ -1,0 +1,3 @@
+from zdist.worker.cli import main
+
+main()

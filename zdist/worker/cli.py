@@ -1,0 +1,305 @@
+"""``zworker``: start workers for a broker (supervised, restarted on crash)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+
+import click
+
+from zdist._lifeline import watch_stdin
+from zdist._version import __version__
+from zdist.errors import SecurityError, ZdistError
+from zdist.net import interface_ip, split_address
+from zdist.security import Security, read_json_file, read_security_stream
+from zdist.worker.nanny import Nanny
+from zdist.worker.worker import Worker, WorkerConfig
+
+logger = logging.getLogger("zdist.worker")
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """dask's units: ``"4GB"`` = 4e9, ``"4GiB"`` = 4 * 2**30, plain numbers are bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise click.BadParameter(f"{text!r} is not a size like 4GB, 500MiB or 1e9")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+def resolve_memory_limit(text: str, nworkers: int) -> int:
+    """``auto`` shares the machine's memory between the workers, as dask does."""
+    if text in ("auto", "", None):
+        return total_memory() // max(1, nworkers)
+    if text in ("0", "none", "None"):
+        return 0
+    if re.fullmatch(r"0?\.[0-9]+|1(\.0)?", text):
+        return int(float(text) * total_memory())
+    return parse_bytes(text)
+
+
+def parse_resources(text: str | None) -> dict[str, float]:
+    """``"GPU=2 MEM=10e9"`` -> ``{"GPU": 2.0, "MEM": 1e10}`` (dask's syntax)."""
+    out: dict[str, float] = {}
+    for item in (text or "").replace(",", " ").split():
+        name, sep, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise click.BadParameter(
+                f"{item!r}: resources look like 'GPU=2 MEM=10e9'"
+            ) from None
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r}: resources look like 'GPU=2 MEM=10e9'")
+    return out
+
+
+def parse_seconds(text: str | None) -> float | None:
+    """``"960s"``, ``"20m"``, ``"1h"``, ``"90"`` -> seconds."""
+    if text in (None, "", "None"):
+        return None
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(s|m|h|ms)?\s*", str(text))
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a duration like 90, 960s, 20m or 1h")
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def wait_for_scheduler_file(path: str, timeout: float | None) -> dict:
+    """Batch jobs may start before the broker has written its file: wait for it."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    announced = False
+    while not os.path.exists(path):
+        if deadline is not None and time.monotonic() > deadline:
+            raise SecurityError(
+                f"scheduler file {path} did not appear within {timeout} s"
+            )
+        if not announced:
+            logger.info("waiting for scheduler file %s", path)
+            announced = True
+        time.sleep(0.2)
+    return read_json_file(path)
+
+
+def resolve_connection(
+    address: str | None,
+    scheduler_file: str | None,
+    security_file: str | None,
+    no_security: bool,
+    death_timeout: float | None = None,
+) -> tuple[str, Security | None]:
+    """The broker address and keys from the command line, a scheduler file or stdin."""
+    info: dict = {}
+    if scheduler_file:
+        info = wait_for_scheduler_file(scheduler_file, death_timeout)
+        address = address or info.get("address")
+    if not address:
+        raise ZdistError("give the broker's ADDRESS or --scheduler-file")
+    split_address(address)
+    if no_security:
+        return address, None
+    if security_file == "-":
+        sec = read_security_stream()
+    elif security_file:
+        sec = Security.from_file(security_file)
+    elif info.get("security"):
+        sec = Security.from_dict(info["security"])
+    elif scheduler_file and "security" in info and info["security"] is None:
+        raise SecurityError(
+            f"{scheduler_file} says the broker runs without security; pass --no-security "
+            f"to join it"
+        )
+    else:
+        raise SecurityError(
+            f"no credentials for {address}: zdist clusters are secured by default. Pass "
+            f"--scheduler-file (written by zbroker), --security-file PATH, or "
+            f"--no-security for a broker started with --no-security"
+        )
+    return address, sec
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("address", required=False)
+@click.option(
+    "--scheduler-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Broker address and keys, written by zbroker --scheduler-file.",
+)
+@click.option(
+    "--security-file",
+    default=None,
+    help="The cluster's keys ('-': one JSON line on stdin).",
+)
+@click.option(
+    "--no-security", is_flag=True, help="Join a broker started with --no-security."
+)
+@click.option(
+    "--nthreads",
+    type=int,
+    default=None,
+    help="Threads per worker process [default: cores / nworkers].",
+)
+@click.option(
+    "--nworkers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Worker processes to start and supervise.",
+)
+@click.option(
+    "--memory-limit",
+    default="auto",
+    show_default=True,
+    help="Per worker: 4GB, 500MiB, a fraction of RAM (0.5), 0 for none, or auto.",
+)
+@click.option(
+    "--name", default=None, help="Worker name (suffixed -0, -1... with --nworkers)."
+)
+@click.option(
+    "--resources", default=None, help='Abstract resources, e.g. "GPU=2 MEM=10e9".'
+)
+@click.option("--local-directory", default=None, help="Scratch space for spilled data.")
+@click.option(
+    "--interface", default=None, help="Serve peers on this interface, e.g. ib0."
+)
+@click.option(
+    "--death-timeout",
+    default=None,
+    help="Exit if the broker cannot be reached for this long (e.g. 60, 5m).",
+)
+@click.option(
+    "--lifetime",
+    default=None,
+    help="Hand work back and exit after this long (e.g. 960s): before walltime.",
+)
+@click.option(
+    "--nanny/--no-nanny",
+    default=True,
+    show_default=True,
+    help="Run workers in supervised child processes that restart on crash.",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
+@click.option(
+    "--lifeline",
+    is_flag=True,
+    hidden=True,
+    help="Exit when stdin closes (the parent that started us died).",
+)
+@click.version_option(__version__, prog_name="zworker")
+def main(
+    address: str | None,
+    scheduler_file: str | None,
+    security_file: str | None,
+    no_security: bool,
+    nthreads: int | None,
+    nworkers: int,
+    memory_limit: str,
+    name: str | None,
+    resources: str | None,
+    local_directory: str | None,
+    interface: str | None,
+    death_timeout: str | None,
+    lifetime: str | None,
+    nanny: bool,
+    log_level: str,
+    lifeline: bool,
+) -> None:
+    """Start zdist workers that take tasks from the broker at ADDRESS."""
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    if nworkers < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--nworkers")
+    death = parse_seconds(death_timeout)
+    try:
+        addr, security = resolve_connection(
+            address, scheduler_file, security_file, no_security, death
+        )
+        if interface:
+            interface_ip(interface)
+    except ZdistError as exc:
+        raise click.ClickException(str(exc)) from None
+    threads = nthreads or max(1, (os.cpu_count() or 1) // nworkers)
+    base = name or f"{os.uname().nodename}-{os.getpid()}"
+    configs = [
+        WorkerConfig(
+            address=addr,
+            security=security,
+            name=base if nworkers == 1 else f"{base}-{i}",
+            nthreads=threads,
+            memory_limit=resolve_memory_limit(memory_limit, nworkers),
+            resources=parse_resources(resources),
+            local_directory=local_directory or "",
+            interface=interface,
+            death_timeout=death,
+            lifetime=parse_seconds(lifetime),
+        )
+        for i in range(nworkers)
+    ]
+    if not nanny:
+        if nworkers != 1:
+            raise click.BadParameter(
+                "--no-nanny runs one worker", param_hint="--nworkers"
+            )
+        from zdist.worker.nanny import worker_environment
+
+        for var, value in worker_environment().items():
+            os.environ.setdefault(var, value)
+        worker = Worker(configs[0])
+        signal.signal(signal.SIGTERM, lambda *_: worker.close_gracefully("SIGTERM"))
+        signal.signal(signal.SIGINT, lambda *_: worker.close_gracefully("SIGINT"))
+        if lifeline:
+            watch_stdin(worker.stop)
+        worker.run()
+        return
+    sup = Nanny(configs, log_level)
+
+    def stop(*_: object) -> None:
+        threading.Thread(target=sup.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if lifeline:
+        watch_stdin(lambda: (sup.close_stdin(), sup.stop(graceful=False)))
+    sys.exit(sup.run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Running one task: frames in, result entry out. No sockets; called from task threads.
+
+A task is a pickled function frame (cached by content: ``map`` sends one function for
+thousands of tasks) and an arguments frame whose references to other tasks' results
+are resolved through ``lookup`` as it unpickles.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from zdist import serialize
+from zdist.protocol import INLINE_LIMIT
+
+#: Deserialised functions kept per worker, by their pickled bytes.
+FUNCTION_CACHE_SIZE = 512
+
+
+class FunctionCache:
+    def __init__(self, size: int = FUNCTION_CACHE_SIZE) -> None:
+        self._cache: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
+        self._size = size
+
+    def get(self, frame: Any) -> Callable[..., Any]:
+        data = frame if isinstance(frame, bytes) else bytes(frame)
+        fn = self._cache.get(data)
+        if fn is None:
+            fn = cloudpickle.loads(data)
+            self._cache[data] = fn
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        return fn
+
+
+class Outcome:
+    """What a task thread hands back to the worker's I/O loop."""
+
+    __slots__ = (
+        "duration",
+        "error_frames",
+        "key",
+        "nbytes",
+        "ok",
+        "text",
+        "typename",
+        "value",
+        "value_frames",
+    )
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.ok = False
+        self.value: Any = None
+        self.value_frames: list[Any] | None = None  # inline result, when small
+        self.nbytes = 0
+        self.typename = ""
+        self.error_frames: list[Any] | None = None
+        self.text = ""
+        self.duration = 0.0
+
+
+def run_task(
+    key: str,
+    fn_frames: list[Any] | None,
+    args_frames: list[Any],
+    lookup: Callable[[str], Any],
+    functions: FunctionCache,
+) -> Outcome:
+    out = Outcome(key)
+    start = time.perf_counter()
+    try:
+        if fn_frames is None:  # scattered data: the "arguments" are the value
+            value = serialize.loads(args_frames)
+        else:
+            fn = functions.get(fn_frames[0])
+            args, kwargs = serialize.loads_args(args_frames, lookup)
+            value = fn(*args, **kwargs)
+    except BaseException as exc:
+        out.duration = time.perf_counter() - start
+        _set_error(out, exc)
+        return out
+    out.duration = time.perf_counter() - start
+    try:
+        frames = serialize.dumps(value)
+    except Exception as exc:
+        _set_error(
+            out,
+            TypeError(
+                f"the result of {key!r} (a {type(value).__name__}) cannot be "
+                f"pickled: {exc}"
+            ),
+        )
+        return out
+    out.ok = True
+    out.value = value
+    out.nbytes = serialize.nbytes(frames)
+    out.typename = type(value).__name__
+    if out.nbytes <= INLINE_LIMIT:
+        out.value_frames = [
+            bytes(f) if isinstance(f, memoryview) else f for f in frames
+        ]
+    return out
+
+
+def _set_error(out: Outcome, exc: BaseException) -> None:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    out.text = f"{type(exc).__name__}: {exc}"
+    try:
+        frames = serialize.dumps((exc, tb))
+        pickle.loads(frames[0], buffers=frames[1:])  # can the client rebuild it?
+    except Exception:
+        frames = serialize.dumps((None, tb))
+    out.error_frames = frames

@@ -1,0 +1,672 @@
+"""A worker: one DEALER to the broker, one ROUTER data port for peers, task threads.
+
+The I/O loop (the thread that calls :meth:`Worker.run`) owns every socket. It receives
+tasks, fetches their inputs from peers, hands ready tasks to ``nthreads`` task threads,
+and sends results back in batches. Task threads never touch a socket: they append to
+``_done`` and write a byte to a pipe the loop polls. Heartbeats go out from the loop, so
+they continue during a long task.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from zdist import protocol as P
+from zdist import serialize
+from zdist._version import versions
+from zdist.net import interface_ip, local_ip_towards, split_address
+from zdist.security import Security
+from zdist.worker import context
+from zdist.worker.execute import FunctionCache, Outcome, run_task
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between reconnect attempts while the broker is away (doubles up to the max).
+RECONNECT_BACKOFF = (0.1, 5.0)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    address: str
+    security: Security | None
+    name: str = ""
+    nthreads: int = 1
+    memory_limit: int = 0
+    resources: dict[str, float] = field(default_factory=dict)
+    local_directory: str = ""
+    interface: str | None = None
+    #: Exit if the broker cannot be reached for this long (None: keep trying).
+    death_timeout: float | None = None
+    #: Stop taking tasks after this many seconds and hand queued work back.
+    lifetime: float | None = None
+
+
+class _Task:
+    __slots__ = ("args", "deps", "fn", "inline", "key", "missing", "resources")
+
+    def __init__(self, key: str, fn: list[Any] | None, args: list[Any]) -> None:
+        self.key = key
+        self.fn = fn
+        self.args = args
+        self.inline: dict[str, list[Any]] = {}
+        self.missing: set[str] = set()
+
+
+class Worker:
+    def __init__(
+        self, config: WorkerConfig, ctx: zmq.Context[Any] | None = None
+    ) -> None:
+        self.config = config
+        self.name = config.name or f"worker-{uuid.uuid4().hex[:8]}"
+        self.nthreads = max(1, config.nthreads)
+        self.resources = dict(config.resources)
+        self.memory_limit = config.memory_limit
+        self.local_directory = config.local_directory or os.path.join(
+            os.environ.get("TMPDIR", "/tmp"), f"zdist-{self.name}"
+        )
+        os.makedirs(self.local_directory, exist_ok=True)
+        self.broker_address = config.address
+        self.data: dict[str, Any] = {}
+        self.tasks: dict[str, _Task] = {}
+        self.versions = versions()
+        self._own_ctx = ctx is None
+        self.ctx: zmq.Context[Any] = ctx or zmq.Context()
+        self._auth = None
+        self.data_sock = self.ctx.socket(zmq.ROUTER)
+        self.data_sock.linger = 0
+        if config.security:
+            if self._own_ctx:
+                self._auth = config.security.start_authenticator(self.ctx)
+            config.security.configure_server(self.data_sock)
+        host, _ = split_address(config.address)
+        ip = (
+            interface_ip(config.interface)
+            if config.interface
+            else local_ip_towards(host)
+        )
+        port = self.data_sock.bind_to_random_port(f"tcp://{ip}")
+        self.address = f"tcp://{ip}:{port}"
+        self.host = ip if ip != "127.0.0.1" else socket.gethostname()
+        self._ident = f"w-{uuid.uuid4().hex}".encode()
+        self.broker: zmq.Socket[Any] | None = None
+        self._peers: dict[str, zmq.Socket[Any]] = {}
+        self._fetching: dict[
+            int, tuple[str, list[str], float]
+        ] = {}  # req -> peer, keys, t
+        self._new_peers: list[zmq.Socket[Any]] = []
+        self._fetch_wanted: dict[str, list[str]] = {}  # dep key -> tasks waiting for it
+        self._req = itertools.count(1)
+        self._functions = FunctionCache()
+        self._ready: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
+        self._done: deque[Any] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._results: list[Any] = []
+        self._result_frames = P.FrameList()
+        self._threads: list[threading.Thread] = []
+        self._threads_lock = threading.Lock()
+        self._active_threads = 0
+        self._executing: set[str] = set()
+        self._cancelled: set[str] = set()
+        self._stop = threading.Event()
+        self._closing = False
+        self.status = "init"
+        self.heartbeat_interval = P.HEARTBEAT_INTERVAL
+        self.liveness = P.WORKER_LIVENESS
+        self._last_heard = 0.0
+        self._last_sent = 0.0
+        self._started = time.monotonic()
+        self._client: Any = None
+        self.exit_reason = ""
+
+    # ==================================================================================
+    # public
+
+    def run(self) -> None:
+        """Serve until stopped, the broker stays away past death_timeout, or lifetime."""
+        for _ in range(self.nthreads):
+            self._start_thread()
+        self._connect()
+        poller = zmq.Poller()
+        poller.register(self.data_sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        assert self.broker is not None
+        poller.register(self.broker, zmq.POLLIN)
+        broker = self.broker
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(self._poll_timeout()))
+                if self.broker is not broker:  # reconnected: swap the polled socket
+                    poller.unregister(broker)
+                    broker = self.broker
+                    poller.register(broker, zmq.POLLIN)
+                if broker in events:
+                    self.receive_from_broker()
+                if self.data_sock in events:
+                    self.serve_peers()
+                for peer in self._peers.values():
+                    if peer in events:
+                        self.receive_from_peer(peer)
+                while self._new_peers:
+                    poller.register(self._new_peers.pop(), zmq.POLLIN)
+                if self._wake_r in events:
+                    self._drain_wake()
+                self.collect_done()
+                self.flush_results()
+                self.check_broker()
+                self.check_lifetime()
+                if self._fetching:
+                    self.expire_fetches()
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake()
+
+    def close_gracefully(self, reason: str = "stopping") -> None:
+        """Stop taking tasks, hand back queued ones, finish running ones, then exit."""
+        self._closing = True
+        self.exit_reason = reason
+        self._wake()
+
+    # ==================================================================================
+    # connection to the broker
+
+    def _connect(self) -> None:
+        if self.broker is not None:
+            self.broker.close(linger=0)
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.identity = self._ident
+        sock.sndhwm = 0
+        sock.rcvhwm = 0
+        if self.config.security:
+            self.config.security.configure_client(sock)
+        sock.connect(self.broker_address)
+        self.broker = sock
+        self.status = "connecting"
+        self._register_sent = time.monotonic()
+        self._send(
+            P.RegisterWorker(
+                self.name,
+                self.nthreads,
+                int(self.memory_limit),
+                self.resources,
+                self.address,
+                self.host,
+                os.getpid(),
+                self.local_directory,
+                self.versions,
+                list(self.data),
+            )
+        )
+        if not self._last_heard:
+            self._last_heard = time.monotonic()
+
+    def check_broker(self) -> None:
+        now = time.monotonic()
+        silent = now - self._last_heard
+        death = self.config.death_timeout
+        if death is not None and silent > death:
+            logger.error(
+                "worker %s: no broker at %s for %.0f s; exiting",
+                self.name,
+                self.broker_address,
+                silent,
+            )
+            self.exit_reason = "death-timeout"
+            self._stop.set()
+            return
+        if self.status == "connecting":
+            backoff = min(
+                RECONNECT_BACKOFF[1], RECONNECT_BACKOFF[0] * 2 ** min(silent, 6)
+            )
+            if now - self._register_sent > max(backoff, self.heartbeat_interval):
+                self._connect()
+        elif silent > self.heartbeat_interval * self.liveness:
+            logger.warning(
+                "worker %s: broker silent for %.1f s; reconnecting", self.name, silent
+            )
+            self._connect()
+        elif now - self._last_sent > self.heartbeat_interval:
+            self._send(P.Heartbeat(self.metrics()))
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "memory": _rss(),
+            "executing": len(self._executing),
+            "in_memory": len(self.data),
+            "ready": self._ready.qsize(),
+            "time": time.time(),
+        }
+
+    def _send(self, msg: P.Message, payload: list[Any] | tuple[Any, ...] = ()) -> None:
+        assert self.broker is not None
+        self.broker.send_multipart(P.encode(msg, payload), copy=False)
+        self._last_sent = time.monotonic()
+
+    def receive_from_broker(self) -> None:
+        sock = self.broker
+        assert sock is not None
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._last_heard = time.monotonic()
+            try:
+                msg, payload = P.decode(frames)
+                self._handle_broker(msg, payload)
+            except Exception as exc:
+                logger.warning(
+                    "worker %s dropped a broker message: %s: %s",
+                    self.name,
+                    type(exc).__name__,
+                    exc,
+                )
+
+    def _handle_broker(self, msg: P.Message, payload: list[Any]) -> None:
+        if isinstance(msg, P.RunTasks):
+            self._on_run_tasks(msg, payload)
+        elif isinstance(msg, P.FreeKeys):
+            for key in msg.keys:
+                self.data.pop(key, None)
+        elif isinstance(msg, P.CancelTasks):
+            for key in msg.keys:
+                if key in self.tasks and key not in self._executing:
+                    self._cancelled.add(key)
+        elif isinstance(msg, P.SendData):
+            values, frames, missing = self._pack_values(msg.keys)
+            self._send(P.DataReply(msg.request_id, values, missing), frames)
+        elif isinstance(msg, P.RunFunction):
+            self._on_run_function(msg, payload)
+        elif isinstance(msg, P.Welcome):
+            self.heartbeat_interval = msg.heartbeat_interval
+            self.liveness = msg.liveness
+            self.status = "running"
+            logger.info("worker %s registered with %s", self.name, self.broker_address)
+        elif isinstance(msg, P.Error):
+            if msg.text == "unregistered" and self.status == "running":
+                logger.warning(
+                    "worker %s: the broker forgot us (restarted?); registering",
+                    self.name,
+                )
+                self._connect()
+        elif isinstance(msg, P.Heartbeat):
+            pass
+        else:
+            raise P.ProtocolError(f"{type(msg).__name__} is not for a worker")
+
+    # ==================================================================================
+    # tasks
+
+    def _on_run_tasks(self, msg: P.RunTasks, payload: list[Any]) -> None:
+        fetch: dict[str, list[str]] = {}
+        for entry in msg.tasks:
+            key, fn_ref, args_ref, deps, _resources = entry
+            fn = None if fn_ref is None else P.ref_frames(payload, fn_ref)
+            t = _Task(key, fn, P.ref_frames(payload, args_ref))
+            self._cancelled.discard(key)
+            for dep, where in deps:
+                if isinstance(where, list):
+                    t.inline[dep] = P.ref_frames(payload, where)
+                elif where and dep not in self.data:
+                    t.missing.add(dep)
+                    waiting = self._fetch_wanted.setdefault(dep, [])
+                    if not waiting:
+                        fetch.setdefault(where, []).append(dep)
+                    waiting.append(key)
+            self.tasks[key] = t
+            if not t.missing:
+                self._ready.put(t)
+        for peer, keys in fetch.items():
+            self._fetch(peer, keys)
+
+    def _lookup_for(self, t: _Task) -> Any:
+        data = self.data
+        inline = t.inline
+
+        def lookup(key: str) -> Any:
+            frames = inline.get(key)
+            if frames is not None:
+                return serialize.loads(frames)
+            return data[key]
+
+        return lookup
+
+    def _start_thread(self) -> None:
+        with self._threads_lock:
+            self._active_threads += 1
+        th = threading.Thread(
+            target=self._task_thread, name=f"{self.name}-task", daemon=True
+        )
+        self._threads.append(th)
+        th.start()
+
+    def _task_thread(self) -> None:
+        context.set_current(self)
+        while True:
+            t = self._ready.get()
+            if t is None:
+                return
+            if t.key in self._cancelled:
+                self._done.append(("cancelled", t.key))
+                self._wake()
+                continue
+            self._executing.add(t.key)
+            context.set_current(self, t.key)
+            out = run_task(t.key, t.fn, t.args, self._lookup_for(t), self._functions)
+            context.set_current(self)
+            self._done.append(("task", out))
+            self._wake()
+            if getattr(threading.current_thread(), "_zdist_seceded", False):
+                return  # a replacement thread took this one's slot
+
+    def _secede(self, key: str | None) -> None:
+        th = threading.current_thread()
+        if getattr(th, "_zdist_seceded", False):
+            return
+        th._zdist_seceded = True  # type: ignore[attr-defined]
+        self._start_thread()
+        with self._threads_lock:
+            self._active_threads -= 1
+        if key is not None:
+            self._done.append(("seceded", key))
+            self._wake()
+
+    def _rejoin(self) -> None:
+        th = threading.current_thread()
+        th._zdist_seceded = False  # type: ignore[attr-defined]
+        with self._threads_lock:
+            self._active_threads += 1
+            surplus = self._active_threads > self.nthreads
+        if surplus:
+            self._ready.put(None)  # one idle thread retires
+
+    def collect_done(self) -> None:
+        done = self._done
+        while done:
+            kind, item = done.popleft()
+            if kind == "task":
+                self._task_done(item)
+            elif kind == "cancelled":
+                self.tasks.pop(item, None)
+                self._cancelled.discard(item)
+            elif kind == "seceded":
+                self._send(P.TaskSeceded(item))
+            elif kind == "run":
+                request_id, ok, frames = item
+                self._send(P.FunctionResult(request_id, ok), frames)
+
+    def _task_done(self, out: Outcome) -> None:
+        self._executing.discard(out.key)
+        t = self.tasks.pop(out.key, None)
+        if out.key in self._cancelled:
+            self._cancelled.discard(out.key)
+            return
+        frames = self._result_frames
+        if out.ok:
+            self.data[out.key] = out.value
+            ref = None if out.value_frames is None else frames.add(out.value_frames)
+            self._results.append(
+                [out.key, "memory", out.nbytes, out.typename, ref, "", out.duration]
+            )
+        else:
+            assert out.error_frames is not None
+            ref = frames.add(out.error_frames)
+            self._results.append([out.key, "error", 0, "", ref, out.text, out.duration])
+        del t
+
+    def flush_results(self) -> None:
+        if self._results and self.status in ("running", "closing"):
+            self._send(P.TaskResults(self._results), self._result_frames.frames)
+            self._results = []
+            self._result_frames = P.FrameList()
+
+    # ==================================================================================
+    # data between workers
+
+    def _pack_values(self, keys: list[Any]) -> tuple[list[Any], list[Any], list[Any]]:
+        frames = P.FrameList()
+        values, missing = [], []
+        for key in keys:
+            if isinstance(key, str) and key in self.data:
+                values.append([key, frames.add(serialize.dumps(self.data[key]))])
+            else:
+                missing.append(key)
+        return values, frames.frames, missing
+
+    def serve_peers(self) -> None:
+        while True:
+            try:
+                frames = self.data_sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            ident = frames[0]
+            try:
+                msg, _ = P.decode(frames[1:])
+                if not isinstance(msg, P.GetData):
+                    raise P.ProtocolError(f"{type(msg).__name__} on the data port")
+                values, payload, missing = self._pack_values(msg.keys)
+                self.data_sock.send_multipart(
+                    [
+                        ident,
+                        *P.encode(
+                            P.DataReply(msg.request_id, values, missing), payload
+                        ),
+                    ],
+                    copy=False,
+                )
+            except Exception as exc:
+                logger.warning("worker %s dropped a peer message: %s", self.name, exc)
+
+    def _fetch(self, peer: str, keys: list[str]) -> None:
+        sock = self._peers.get(peer)
+        if sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            if self.config.security:
+                self.config.security.configure_client(sock)
+            sock.connect(peer)
+            self._peers[peer] = sock
+            self._new_peers.append(sock)
+        req = next(self._req)
+        self._fetching[req] = (peer, keys, time.monotonic())
+        sock.send_multipart(P.encode(P.GetData(req, keys)), copy=False)
+
+    def receive_from_peer(self, sock: zmq.Socket[Any]) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg, payload = P.decode(frames)
+                if not isinstance(msg, P.DataReply):
+                    raise P.ProtocolError(f"{type(msg).__name__} from a peer")
+                self._on_fetched(msg, payload)
+            except Exception as exc:
+                logger.warning("worker %s dropped a peer reply: %s", self.name, exc)
+
+    def _on_fetched(self, msg: P.DataReply, payload: list[Any]) -> None:
+        peer, _, _ = self._fetching.pop(msg.request_id, ("", [], 0.0))
+        replicas = []
+        for key, ref in msg.values:
+            frames = P.ref_frames(payload, ref)
+            self.data[key] = serialize.loads(frames)
+            replicas.append(
+                [
+                    key,
+                    "memory",
+                    serialize.nbytes(frames),
+                    type(self.data[key]).__name__,
+                    None,
+                    "",
+                    -1.0,
+                ]
+            )
+            self._dep_arrived(key)
+        if replicas:
+            self._results.extend(replicas)
+        self._fetch_failed(peer, msg.missing)
+
+    def _fetch_failed(self, peer: str, keys: list[Any]) -> None:
+        """Tell the broker these tasks lack an input the peer could not give."""
+        for key in keys:
+            for tkey in self._fetch_wanted.pop(key, []):
+                t = self.tasks.pop(tkey, None)
+                if t is not None:
+                    self._results.append([tkey, "missing", 0, peer, None, key, -1.0])
+
+    def expire_fetches(self) -> None:
+        """A peer that does not answer within the liveness period is presumed dead."""
+        deadline = time.monotonic() - self.heartbeat_interval * self.liveness
+        for req, (peer, keys, sent) in list(self._fetching.items()):
+            if sent < deadline:
+                del self._fetching[req]
+                logger.warning(
+                    "worker %s: peer %s did not answer; giving up on %s",
+                    self.name,
+                    peer,
+                    keys,
+                )
+                self._fetch_failed(peer, keys)
+                sock = self._peers.pop(peer, None)
+                if sock is not None:
+                    sock.close(linger=0)
+
+    def _dep_arrived(self, key: str) -> None:
+        for tkey in self._fetch_wanted.pop(key, []):
+            t = self.tasks.get(tkey)
+            if t is None:
+                continue
+            t.missing.discard(key)
+            if not t.missing:
+                self._ready.put(t)
+
+    # ==================================================================================
+    # Client.run
+
+    def _on_run_function(self, msg: P.RunFunction, payload: list[Any]) -> None:
+        def target() -> None:
+            context.set_current(self)
+            try:
+                fn = self._functions.get(payload[0])
+                args, kwargs = serialize.loads(payload[1:])
+                result = fn(*args, **kwargs)
+                frames, ok = serialize.dumps(result), True
+            except BaseException as exc:
+                frames, ok = serialize.dumps(exc), False
+            self._done.append(("run", (msg.request_id, ok, frames)))
+            self._wake()
+
+        threading.Thread(target=target, name=f"{self.name}-run", daemon=True).start()
+
+    # ==================================================================================
+    # lifetime and shutdown
+
+    def check_lifetime(self) -> None:
+        lifetime = self.config.lifetime
+        if (
+            lifetime is not None
+            and not self._closing
+            and time.monotonic() - self._started > lifetime
+        ):
+            logger.info("worker %s reached its lifetime; handing work back", self.name)
+            self.close_gracefully("lifetime")
+        if self._closing and self.status != "closed":
+            self._hand_back()
+
+    def _hand_back(self) -> None:
+        if self.status == "connecting":
+            self.status = "closed"
+            self._stop.set()
+            return
+        if self.status == "running":
+            queued = [k for k in self.tasks if k not in self._executing]
+            for k in queued:
+                self._cancelled.add(k)
+                self.tasks.pop(k, None)
+            self.flush_results()
+            self._send(P.WorkerStatus("closing", queued))
+            self.status = "closing"
+        if not self._executing:
+            self.flush_results()
+            if self.broker is not None and self.status in ("closing", "running"):
+                self._send(P.WorkerStatus("closed", []))
+            self.status = "closed"
+            self._stop.set()
+
+    def _poll_timeout(self) -> int:
+        return int(min(self.heartbeat_interval, 0.25) * 1000)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _shutdown(self) -> None:
+        for _ in self._threads:
+            self._ready.put(None)
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:
+                pass
+        for sock in self._peers.values():
+            sock.close(linger=0)
+        if self.broker is not None:
+            self.broker.close(linger=0)
+        self.data_sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        if self._own_ctx:
+            self.ctx.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _get_client(self, **kwargs: Any) -> Any:
+        if self._client is None:
+            from zdist.client.client import Client
+
+            self._client = Client(
+                self.broker_address,
+                security=self.config.security or False,
+                set_as_default=False,
+                **kwargs,
+            )
+        return self._client
+
+    def __repr__(self) -> str:
+        return (
+            f"<zdist.Worker {self.name!r} at {self.address}, {self.nthreads} threads>"
+        )
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
