@@ -8,6 +8,7 @@ from __future__ import annotations
 from zdist._version import __version__
 from zdist.client.client import Client, default_client
 from zdist.client.future import Future
+from zdist.client.jobqueue import PBSCluster, SLURMCluster
 from zdist.client.local import LocalCluster
 from zdist.client.waiting import as_completed, fire_and_forget, progress, wait
 from zdist.errors import (
@@ -30,7 +31,9 @@ __all__ = [
     "GraphError",
     "KilledWorker",
     "LocalCluster",
+    "PBSCluster",
     "RemoteError",
+    "SLURMCluster",
     "Security",
     "SecurityError",
     "ZdistError",

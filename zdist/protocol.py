@@ -13,16 +13,17 @@ op; :func:`encode` and :func:`decode` are the only codecs. Field types are check
 decode, so a well-formed but wrongly typed header is rejected as :class:`ProtocolError`
 before any state changes.
 
-Frame references in headers are ``[start, count]`` pairs into the payload frames: a value
-pickled with protocol 5 is one pickle frame plus its out-of-band buffers.
+Frame references in headers are ``[start, count]`` pairs into the payload frames: a
+value pickled with protocol 5 is one pickle frame plus its out-of-band buffers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Sequence
-from typing import Any, ClassVar
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 import msgpack
 
@@ -87,7 +88,7 @@ _REGISTRY: dict[int, type[Message]] = {}
 
 
 class Message:
-    """Base of all messages; subclasses are frozen slotted dataclasses with an ``op``."""
+    """Base of all messages; subclasses are frozen slotted dataclasses with an op."""
 
     __slots__ = ()
     op: ClassVar[Op]
@@ -95,12 +96,17 @@ class Message:
     _fields: ClassVar[tuple[str, ...]]
 
 
-def message(op: Op):
+_M = TypeVar("_M", bound=Message)
+
+
+# dataclass_transform lets type checkers see each message's constructor.
+@dataclass_transform(frozen_default=True)
+def message(op: Op) -> Callable[[type[_M]], type[_M]]:
     """Declare a message class: makes it a frozen slotted dataclass and registers it."""
 
-    def wrap(cls: type) -> type:
+    def wrap(cls: type[_M]) -> type[_M]:
         cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
-        fields = dataclasses.fields(cls)
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
         cls.op = op
         cls._fields = tuple(f.name for f in fields)
         cls._types = tuple(_runtime_type(f.type) for f in fields)
@@ -184,10 +190,11 @@ class RunTasks(Message):
 @message(Op.TASK_RESULTS)
 class TaskResults(Message):
     """Worker -> broker, a batch. ``results``: ``[key, status, nbytes, typename, ref,
-    text, duration]``; ``status`` is ``"memory"`` (ref: inline result frames or ``None``),
-    ``"error"`` (ref: pickled exception + traceback frames, text: ``type: message``),
-    or ``"missing"`` (text: the dependency key that could not be fetched, typename:
-    the peer that failed to give it). ``duration`` is the run time in seconds (-1 for
+    text, duration]``; ``status`` is ``"memory"`` (ref: inline result frames or
+    ``None``), ``"error"`` (ref: pickled exception + traceback frames, text: ``type:
+    message``), ``"cancelled"`` (dropped before it ran, after CancelTasks), or
+    ``"missing"`` (text: the dependency key that could not be fetched, typename: the
+    peer that failed to give it). ``duration`` is the run time in seconds (-1 for
     a replica fetched from a peer)."""
 
     results: list
@@ -360,7 +367,18 @@ class Error(Message):
 # --------------------------------------------------------------------------------------
 # codecs
 
-_packb = msgpack.Packer(use_bin_type=True).pack
+# A Packer keeps an internal buffer and is not thread-safe (msgpack's docs), while
+# encode() is called from several threads of one process (a client's I/O thread, a
+# worker's loop, an in-process broker): one Packer per thread.
+_local = threading.local()
+
+
+def _packb(obj: Any) -> bytes:
+    try:
+        pack = _local.pack
+    except AttributeError:
+        pack = _local.pack = msgpack.Packer(use_bin_type=True).pack
+    return pack(obj)  # type: ignore[no-any-return]
 
 
 def encode(msg: Message, payload: Sequence[Any] = ()) -> list[Any]:
@@ -391,16 +409,30 @@ def decode(frames: Sequence[Any]) -> tuple[Message, list[Any]]:
         raise ProtocolError(f"undecodable {cls.__name__} header: {exc}") from None
     if not isinstance(fields, list) or len(fields) != len(cls._fields):
         raise ProtocolError(f"{cls.__name__} header has the wrong shape")
-    for name, value, typ in zip(cls._fields, fields, cls._types):
-        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+    for name, value, typ in zip(cls._fields, fields, cls._types, strict=True):
+        # bool is an int subclass: True is no count, interval or request id.
+        if not isinstance(value, typ) or (
+            isinstance(value, bool) and typ is not bool and bool not in _as_tuple(typ)
+        ):
             raise ProtocolError(
                 f"{cls.__name__}.{name} is {type(value).__name__}, not {typ}"
             )
     return cls(*fields), list(frames[3:])
 
 
+def _as_tuple(typ: type | tuple[type, ...]) -> tuple[type, ...]:
+    return typ if isinstance(typ, tuple) else (typ,)
+
+
 def _bytes(frame: Any) -> bytes:
-    return frame if isinstance(frame, bytes) else frame.bytes
+    if isinstance(frame, bytes):
+        return frame
+    if isinstance(frame, (bytearray, memoryview)):
+        return bytes(frame)
+    try:
+        return frame.bytes  # type: ignore[no-any-return]  # zmq.Frame
+    except AttributeError:
+        raise ProtocolError(f"a frame is {type(frame).__name__}, not bytes") from None
 
 
 def ref_frames(payload: Sequence[Any], ref: Any) -> list[Any]:
@@ -424,19 +456,21 @@ class FrameList:
 
     def __init__(self) -> None:
         self.frames: list[Any] = []
-        self._index: dict[int, list[int]] = {}
+        # id -> (the object, its ref): holding the object keeps its id from being
+        # reused by a later, different list while this FrameList lives.
+        self._index: dict[int, tuple[Sequence[Any], list[int]]] = {}
 
     def add(self, frames: Sequence[Any], share: bool = False) -> list[int]:
         """Append ``frames``; with ``share``, the same frames object is added once."""
         if share:
-            ref = self._index.get(id(frames))
-            if ref is not None:
-                return ref
+            seen = self._index.get(id(frames))
+            if seen is not None and seen[0] is frames:
+                return list(seen[1])
         ref = [len(self.frames), len(frames)]
         self.frames.extend(frames)
         if share:
-            self._index[id(frames)] = ref
-        return ref
+            self._index[id(frames)] = (frames, ref)
+        return list(ref)
 
 
 def message_types() -> dict[int, type[Message]]:

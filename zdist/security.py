@@ -3,17 +3,20 @@
 A cluster has two key pairs. The *server* pair belongs to whatever accepts connections
 (the broker's ROUTER and every worker's data port); the *member* pair is held by every
 client and worker. Servers run a ZAP handler that admits only the member public key, so
-knowing the broker's public key is not enough to connect: a peer needs the member secret,
-which lives only in memory, in a child's stdin, or in a 0600 scheduler/security file.
+knowing the broker's public key is not enough to connect: a peer needs the member
+secret, which lives only in memory, in a child's stdin, or in a 0600 scheduler or
+security file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import stat
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,10 @@ import zmq.auth.thread
 from zdist.errors import SecurityError
 
 logger = logging.getLogger(__name__)
+#: pyzmq's authenticator logs every client's public key at debug level; keys stay out
+#: of logs (a debug log is often pasted into a bug report), so its debug records go.
+_zap_logger = logging.getLogger(__name__ + ".zap")
+_zap_logger.addFilter(lambda record: record.levelno > logging.DEBUG)
 
 _FIELDS = ("server_public", "server_secret", "member_public", "member_secret")
 
@@ -88,7 +95,7 @@ class Security:
         self, ctx: zmq.Context[Any]
     ) -> zmq.auth.thread.ThreadAuthenticator:
         """A ZAP handler on ``ctx`` admitting only the member key (an allow-list)."""
-        auth = zmq.auth.thread.ThreadAuthenticator(ctx, log=logger)
+        auth = zmq.auth.thread.ThreadAuthenticator(ctx, log=_zap_logger)
         auth.start()
         auth.configure_curve_callback("*", credentials_provider=_MemberOnly(self))
         return auth
@@ -119,22 +126,36 @@ def read_security_stream(stream: Any = None) -> Security | None:
 
 
 def read_json_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a scheduler or security file; refuse one that another user owns.
+
+    Whoever writes a scheduler file chooses the broker a client sends code to and whose
+    pickled results it loads, so a file planted by another user (say in ``/tmp``
+    before the broker wrote its own) would run their code as us.
+    """
     p = Path(path)
     try:
-        text = p.read_text()
+        with open(p, "rb") as f:
+            st = os.fstat(f.fileno())
+            text = f.read()
     except FileNotFoundError:
         raise SecurityError(f"scheduler/security file {p} does not exist") from None
     except OSError as exc:
         raise SecurityError(f"cannot read {p}: {exc.strerror}") from None
+    if st.st_uid != os.geteuid():
+        raise SecurityError(
+            f"refusing to use {p}: it belongs to another user (uid {st.st_uid}), "
+            f"who could point you at their own broker; use a file you created"
+        )
     try:
         data = json.loads(text)
     except ValueError:
         raise SecurityError(f"{p} is not a zdist scheduler or security file") from None
     if not isinstance(data, dict):
         raise SecurityError(f"{p} is not a zdist scheduler or security file")
-    mode = p.stat().st_mode
-    if mode & (stat.S_IRGRP | stat.S_IROTH) and data.get("security"):
-        logger.warning("%s holds cluster keys and is readable by other users", p)
+    if st.st_mode & (stat.S_IRGRP | stat.S_IROTH) and data.get("security"):
+        logger.warning(
+            "%s holds cluster keys and is readable by other users: chmod 600 it", p
+        )
     return data
 
 
@@ -152,11 +173,17 @@ def write_private_json(path: str | os.PathLike[str], data: dict[str, Any]) -> No
         raise SecurityError(
             f"refusing to write {p}: {parent} is world-writable without the sticky bit"
         )
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, json.dumps(data, indent=2).encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, p)
+        # mkstemp: a fresh name, O_EXCL and mode 0600, so nobody can plant the
+        # temporary file (or a symlink in its place) before we write.
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(data, indent=2).encode())
+            os.replace(tmp, p)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise SecurityError(f"cannot write {p}: {exc.strerror or exc}") from None

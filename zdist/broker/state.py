@@ -126,7 +126,7 @@ class Task:
         fn: list[Any] | None,
         args: list[Any],
         deps: tuple[str, ...],
-        priority: tuple[int, int],
+        priority: tuple[int, ...],
         retries: int = 0,
         resources: dict[str, float] | None = None,
         restrict: tuple[set[str], bool] | None = None,
@@ -175,7 +175,9 @@ class Worker:
         "resources",
         "seceded",
         "status",
+        "stealing",
         "versions",
+        "zombies",
     )
 
     def __init__(self, ident: bytes, msg: P.RegisterWorker, now: float) -> None:
@@ -192,6 +194,10 @@ class Worker:
         self.versions = msg.versions
         self.processing: dict[str, None] = {}
         self.seceded: set[str] = set()
+        # Cancelled while running: the thread stays busy until the worker reports back.
+        self.zombies: set[str] = set()
+        # Queued here, asked back (CancelTasks) for an idle worker; see _steal().
+        self.stealing: set[str] = set()
         self.data: set[str] = set()
         self.local_queue: list[tuple[Any, ...]] = []
         self.last_seen = now
@@ -211,7 +217,10 @@ class Worker:
     def free_slots(self) -> int:
         if self.status != "running":
             return 0
-        return self.capacity() - (len(self.processing) - len(self.seceded))
+        return self.capacity() - self.occupancy()
+
+    def occupancy(self) -> int:
+        return len(self.processing) - len(self.seceded) + len(self.zombies)
 
 
 class ClientRec:
@@ -239,13 +248,25 @@ class BrokerConfig:
 class _Pending:
     """A gather or run request waiting for replies."""
 
-    __slots__ = ("client", "client_request", "remaining", "results")
+    __slots__ = ("client", "client_request", "remaining", "results", "worker")
 
-    def __init__(self, client: bytes, client_request: int, remaining: set[Any]):
+    def __init__(
+        self,
+        client: bytes,
+        client_request: int,
+        remaining: set[Any],
+        worker: bytes = b"",
+    ):
         self.client = client
         self.client_request = client_request
         self.remaining = remaining
         self.results: list[Any] = []
+        #: For a gather: the one worker asked (only its reply is accepted).
+        self.worker = worker
+
+
+#: Statuses a worker may report in WorkerStatus.
+_WORKER_STATUSES = frozenset({"running", "paused", "closing", "closed"})
 
 
 class BrokerState:
@@ -261,6 +282,7 @@ class BrokerState:
         self._seq = itertools.count()
         self._req = itertools.count(1)
         self._gathers: dict[int, _Pending] = {}
+        self._gathers_by_worker: dict[bytes, set[int]] = {}
         self._runs: dict[int, _Pending] = {}
         self._runs_by_worker: dict[bytes, set[int]] = {}
         self._out: list[Out] = []
@@ -310,6 +332,34 @@ class BrokerState:
         for w in self.workers.values():
             if w.last_sent < quiet:
                 self._send(w.ident, P.Heartbeat({}))
+        self._steal()
+
+    def _steal(self) -> None:
+        """Idle threads and nothing ready: ask busy workers for tasks queued behind
+        their running ones (dask's work stealing). A worker answers ``cancelled`` for
+        a task it had not started, which puts it back in the ready queue; a task it
+        had started just finishes there."""
+        if self.ready:
+            return
+        idle = sum(
+            max(0, w.nthreads - w.occupancy())
+            for w in self.workers.values()
+            if w.status == "running"
+        )
+        if not idle:
+            return
+        for w in self.workers.values():
+            surplus = w.occupancy() - w.nthreads - len(w.stealing)
+            if surplus <= 0:
+                continue
+            keys = [k for k in reversed(w.processing) if k not in w.stealing]
+            keys = keys[: min(surplus, idle)]
+            if keys:
+                w.stealing.update(keys)
+                idle -= len(keys)
+                self._send(w.ident, P.CancelTasks(keys))
+            if idle <= 0:
+                return
 
     def flush(self) -> list[Out]:
         """Dispatch what can run, then return every message to send (and forget it)."""
@@ -353,8 +403,18 @@ class BrokerState:
     def _on_register_worker(
         self, ident: bytes, msg: P.RegisterWorker, payload: list[Any]
     ) -> None:
-        if ident in self.workers:
+        _check_resources(msg.resources)
+        old = self.workers.get(ident)
+        if old is not None:
+            # The same worker reconnecting (its identity is stable): what it still
+            # holds stays valid, so it must not be declared lost and recomputed.
+            kept = old.data.intersection(k for k in msg.keys if isinstance(k, str))
+            old.data -= kept
             self.remove_worker(ident, planned=True)
+            for key in kept:
+                t = self.tasks.get(key)
+                if t is not None:
+                    t.who_has.add(ident)
         w = Worker(ident, msg, self.now)
         self.workers[ident] = w
         logger.info(
@@ -388,7 +448,9 @@ class BrokerState:
         if not planned:
             self.counters["workers_lost"] += 1
         for key in list(w.processing):
-            t = self.tasks[key]
+            t = self.tasks.get(key)
+            if t is None or t.processing_on != ident:
+                continue  # already erred or released while we walked the list
             t.processing_on = None
             if not planned:
                 t.suspicious += 1
@@ -405,6 +467,14 @@ class BrokerState:
             t.who_has.discard(ident)
             if not t.who_has and t.inline is None and t.state is TaskState.MEMORY:
                 self._lost(t)
+        for req in self._gathers_by_worker.pop(ident, ()):
+            pending = self._gathers.pop(req, None)
+            if pending is not None and pending.client in self.clients:
+                # Serve what is still held elsewhere; the rest is reported missing so
+                # that the client's gather never waits for a dead worker.
+                self._gather(
+                    pending.client, pending.client_request, sorted(pending.remaining)
+                )
         for req in self._runs_by_worker.pop(ident, ()):
             pending = self._runs.get(req)
             if pending is not None:
@@ -431,6 +501,8 @@ class BrokerState:
     def _on_worker_status(
         self, ident: bytes, msg: P.WorkerStatus, payload: list[Any]
     ) -> None:
+        if msg.status not in _WORKER_STATUSES:
+            raise P.ProtocolError(f"unknown worker status {msg.status!r}")
         w = self.workers.get(ident)
         if w is None:
             return
@@ -463,11 +535,23 @@ class BrokerState:
         if w is None:
             self._send(ident, P.Error(0, "unregistered"))
             return
-        for entry in msg.results:
-            key, status, nbytes, typename, ref, text, duration = entry
-            if not isinstance(key, str):
-                raise P.ProtocolError("task key must be a string")
+        # Check the whole batch first: a malformed entry must not leave earlier ones
+        # applied, nor a task popped from its worker but never settled.
+        frames_of = [_check_result(entry, payload) for entry in msg.results]
+        for entry, frames in zip(msg.results, frames_of, strict=True):
+            key, status, nbytes, typename, _ref, text, duration = entry
             t = self.tasks.get(key)
+            if key in w.zombies and (t is None or t.processing_on != ident):
+                w.zombies.discard(key)  # a cancelled task's thread is free again
+            stolen = key in w.stealing
+            w.stealing.discard(key)
+            if status == "cancelled":
+                if stolen and t is not None and t.processing_on == ident:
+                    w.processing.pop(key, None)
+                    self._release_resources(w, t)
+                    t.processing_on = None
+                    self._requeue(t, "stolen")
+                continue
             if t is None or t.processing_on != ident:
                 if status == "memory":
                     if t is not None and t.state is TaskState.MEMORY:
@@ -480,22 +564,16 @@ class BrokerState:
             w.seceded.discard(key)
             self._release_resources(w, t)
             t.processing_on = None
-            if isinstance(duration, (int, float)) and duration >= 0:
+            if duration >= 0:
                 w.avg_duration = (
                     duration
                     if w.avg_duration == 0
                     else 0.8 * w.avg_duration + 0.2 * duration
                 )
             if status == "memory":
-                self._task_finished(
-                    t,
-                    w,
-                    int(nbytes),
-                    str(typename),
-                    None if ref is None else P.ref_frames(payload, ref),
-                )
+                self._task_finished(t, w, nbytes, typename, frames)
             elif status == "error":
-                frames = P.ref_frames(payload, ref)
+                assert frames is not None
                 if t.retries > 0:
                     t.retries -= 1
                     self._requeue(t, "retry")
@@ -517,8 +595,6 @@ class BrokerState:
                     ):
                         self._lost(holder)
                 self._requeue(t, f"missing dependency {text}")
-            else:
-                raise P.ProtocolError(f"unknown task status {status!r}")
         self._dirty = True
 
     def _task_finished(
@@ -549,6 +625,7 @@ class BrokerState:
     def _fail(self, t: Task, frames: list[Any], text: str) -> None:
         """Err ``t`` and, transitively, everything waiting on it."""
         stack = [t]
+        orphans = []
         while stack:
             t = stack.pop()
             if t.state is TaskState.ERRED:
@@ -557,8 +634,11 @@ class BrokerState:
                 w = self.workers.get(t.processing_on)
                 if w is not None:
                     w.processing.pop(t.key, None)
+                    w.seceded.discard(t.key)
                     self._release_resources(w, t)
                     self._send(w.ident, P.CancelTasks([t.key]))
+                    w.zombies.add(t.key)
+                    self._dirty = True
                 t.processing_on = None
             self._transition(t, TaskState.ERRED, text[:200])
             self.counters["tasks_erred"] += 1
@@ -569,19 +649,20 @@ class BrokerState:
             if FIRE_AND_FORGET in t.wanted_by:
                 t.wanted_by.discard(FIRE_AND_FORGET)
                 logger.warning("fire-and-forget task %s failed: %s", t.key, text)
+                orphans.append(t)
             for d in self.graph.dependents(t.key):
                 dt = self.tasks[d]
                 if dt.state is not TaskState.MEMORY:
                     stack.append(dt)
+        # Nobody will ever release a failed fire-and-forget task: forget it now.
+        for t in orphans:
+            self._maybe_release(t)
 
     def _lost(self, t: Task) -> None:
         """The only copy of ``t``'s result is gone: recompute it if anyone needs it."""
         t.inline = None
-        if self._needed(t):
-            self._recompute(t, "result lost")
-        else:
-            self._transition(t, TaskState.RELEASED, "result lost, not needed")
-            self._maybe_forget(t)
+        t.who_has.clear()
+        # Dependents first: once released, ``t`` may be forgotten (and leave the graph).
         for d in self.graph.dependents(t.key):
             dt = self.tasks[d]
             if dt.state is TaskState.WAITING:
@@ -590,20 +671,29 @@ class BrokerState:
                 dt.waiting_on += 1
                 dt.queued = 0
                 self._transition(dt, TaskState.WAITING, f"lost dependency {t.key}")
+        # Through RELEASED, so that _recompute can fail it if a dependency has erred.
+        self._transition(t, TaskState.RELEASED, "result lost")
+        if self._needed(t):
+            self._recompute(t, "result lost")
+        else:
+            self._maybe_forget(t)
 
     def _recompute(self, t: Task, why: str) -> None:
-        """Bring ``t`` (RELEASED or MEMORY-without-data) back into the schedule, with any
-        released dependencies it needs, without recursion (chains can be long)."""
+        """Bring released ``t`` back into the schedule, with any released dependencies
+        it needs, without recursion (chains can be long)."""
         stack = [t]
         while stack:
             t = stack.pop()
-            if t.state in (TaskState.WAITING, TaskState.READY, TaskState.PROCESSING):
+            if t.state is not TaskState.RELEASED:
+                continue  # already scheduled, or erred (its dependents erred with it)
+            deps = [self.tasks[d] for d in t.deps]
+            erred = next((d for d in deps if d.state is TaskState.ERRED), None)
+            if erred is not None:
+                # A dependency was recomputed since and failed: so does this task.
+                assert erred.error is not None
+                self._fail(t, *erred.error)
                 continue
-            missing = [
-                self.tasks[d]
-                for d in t.deps
-                if self.tasks[d].state is not TaskState.MEMORY
-            ]
+            missing = [d for d in deps if d.state is not TaskState.MEMORY]
             t.waiting_on = len(missing)
             if missing:
                 self._transition(t, TaskState.WAITING, why)
@@ -614,12 +704,18 @@ class BrokerState:
 
     def _requeue(self, t: Task, why: str) -> None:
         """A task taken back from a worker: ready again, or waiting for lost deps."""
-        missing = [d for d in t.deps if self.tasks[d].state is not TaskState.MEMORY]
+        deps = [self.tasks[d] for d in t.deps]
+        erred = next((d for d in deps if d.state is TaskState.ERRED), None)
+        if erred is not None:
+            assert erred.error is not None
+            self._fail(t, *erred.error)
+            return
+        missing = [d for d in deps if d.state is not TaskState.MEMORY]
         if missing:
             t.waiting_on = len(missing)
             self._transition(t, TaskState.WAITING, why)
             for d in missing:
-                self._recompute(self.tasks[d], f"needed by {t.key}")
+                self._recompute(d, f"needed by {t.key}")
         else:
             self._transition(t, TaskState.READY, why)
             self._push_ready(t)
@@ -673,24 +769,23 @@ class BrokerState:
 
     def _dispatch(self) -> None:
         self._dirty = False
-        workers = [w for w in self.workers.values() if w.free_slots() > 0]
-        if not workers:
-            return
-        # Round-robin one task at a time across workers with room, so a burst of short
-        # tasks spreads evenly instead of filling the first worker's pipeline.
-        progress = True
-        while progress and workers:
-            progress = False
-            for w in list(workers):
-                if w.free_slots() <= 0:
-                    workers.remove(w)
-                    continue
-                t = self._next_task_for(w)
-                if t is None:
-                    workers.remove(w)
-                    continue
-                self._assign(t, w)
-                progress = True
+        # Least-occupied worker first (per thread), one task at a time, so an idle
+        # worker gets work before a busy one's pipeline grows, and a burst of short
+        # tasks spreads evenly.
+        heap = [
+            (w.occupancy() / w.nthreads, i, w)
+            for i, w in enumerate(self.workers.values())
+            if w.free_slots() > 0
+        ]
+        heapq.heapify(heap)
+        while heap:
+            _, i, w = heapq.heappop(heap)
+            t = self._next_task_for(w)
+            if t is None:
+                continue
+            self._assign(t, w)
+            if w.free_slots() > 0:
+                heapq.heappush(heap, (w.occupancy() / w.nthreads, i, w))
 
     def _next_task_for(self, w: Worker) -> Task | None:
         tasks = self.tasks
@@ -726,6 +821,7 @@ class BrokerState:
 
     def _assign(self, t: Task, w: Worker) -> None:
         self._transition(t, TaskState.PROCESSING, w.name)
+        w.zombies.discard(t.key)
         t.queued = 0
         t.processing_on = w.ident
         w.processing[t.key] = None
@@ -736,7 +832,7 @@ class BrokerState:
         if batch is None:
             batch = self._run_batches[w.ident] = ([], P.FrameList())
         entries, frames = batch
-        deps = []
+        deps: list[list[Any]] = []
         for d in t.deps:
             dt = self.tasks[d]
             if w.ident in dt.who_has:
@@ -771,50 +867,54 @@ class BrokerState:
         return False
 
     def _maybe_release(self, t: Task) -> None:
-        """Free ``t``'s result / stop it if nothing needs it; forget it if possible."""
-        if self._needed(t):
-            return
-        if t.state is TaskState.MEMORY:
-            for ident in t.who_has:
-                w = self.workers.get(ident)
-                if w is not None:
-                    w.data.discard(t.key)
-                    self._send(ident, P.FreeKeys([t.key]))
-            t.who_has.clear()
-            t.inline = None
-            self._transition(t, TaskState.RELEASED, "not needed")
-        elif t.state in (TaskState.WAITING, TaskState.READY):
-            t.queued = 0
-            self._transition(t, TaskState.RELEASED, "not needed")
-        elif t.state is TaskState.PROCESSING:
-            w = self.workers.get(t.processing_on or b"")
-            if w is not None:
-                w.processing.pop(t.key, None)
-                w.seceded.discard(t.key)
-                self._release_resources(w, t)
-                self._send(w.ident, P.CancelTasks([t.key]))
-            t.processing_on = None
-            self._transition(t, TaskState.RELEASED, "not needed")
-        self._maybe_forget(t)
-
-    def _maybe_forget(self, t: Task) -> None:
+        """Free ``t``'s result / stop it if nothing needs it; forget it if possible.
+        Its dependencies are then looked at the same way, so releasing the last future
+        of a graph stops and forgets the rest of it (no recursion: chains are long).
+        """
+        tasks = self.tasks
         stack = [t]
         while stack:
             t = stack.pop()
-            if t.wanted_by or self.graph.n_dependents(t.key):
+            if tasks.get(t.key) is not t or self._needed(t):
                 continue
-            if t.state not in (TaskState.RELEASED, TaskState.ERRED):
-                continue
-            del self.tasks[t.key]
-            self.graph.remove(t.key)
-            t.queued = 0
-            for d in t.deps:
-                dt = self.tasks.get(d)
-                if dt is not None:
-                    if dt.state is TaskState.MEMORY and not self._needed(dt):
-                        self._maybe_release(dt)
-                    else:
-                        stack.append(dt)
+            released = True
+            if t.state is TaskState.MEMORY:
+                for ident in t.who_has:
+                    w = self.workers.get(ident)
+                    if w is not None:
+                        w.data.discard(t.key)
+                        self._send(ident, P.FreeKeys([t.key]))
+                t.who_has.clear()
+                t.inline = None
+                self._transition(t, TaskState.RELEASED, "not needed")
+            elif t.state in (TaskState.WAITING, TaskState.READY):
+                t.queued = 0
+                self._transition(t, TaskState.RELEASED, "not needed")
+            elif t.state is TaskState.PROCESSING:
+                w = self.workers.get(t.processing_on or b"")
+                if w is not None:
+                    w.processing.pop(t.key, None)
+                    w.seceded.discard(t.key)
+                    self._release_resources(w, t)
+                    self._send(w.ident, P.CancelTasks([t.key]))
+                    w.zombies.add(t.key)
+                    self._dirty = True
+                t.processing_on = None
+                self._transition(t, TaskState.RELEASED, "not needed")
+            else:
+                released = False
+            forget = not t.wanted_by and not self.graph.n_dependents(t.key)
+            if forget:
+                del tasks[t.key]
+                self.graph.remove(t.key)
+                t.queued = 0
+            if forget or released:
+                stack.extend(tasks[d] for d in t.deps if d in tasks)
+
+    def _maybe_forget(self, t: Task) -> None:
+        """Forget ``t`` if it is released or erred and nothing refers to it."""
+        if t.state in (TaskState.RELEASED, TaskState.ERRED):
+            self._maybe_release(t)
 
     # ==================================================================================
     # clients
@@ -822,7 +922,12 @@ class BrokerState:
     def _on_register_client(
         self, ident: bytes, msg: P.RegisterClient, payload: list[Any]
     ) -> None:
-        self.clients[ident] = ClientRec(ident, msg.name, msg.versions, self.now)
+        old = self.clients.get(ident)
+        c = self.clients[ident] = ClientRec(ident, msg.name, msg.versions, self.now)
+        if old is not None:
+            # The same client registering again: the tasks still name it in
+            # ``wanted_by``, so it must keep wanting them (or they never get released).
+            c.wants = old.wants
         self._send(
             ident,
             P.Welcome(
@@ -848,10 +953,14 @@ class BrokerState:
         frames_cache: dict[tuple[int, int], list[Any]] = {}
 
         def frames_for(ref: Any) -> list[Any]:
-            k = tuple(ref) if isinstance(ref, list) else ref
-            got = frames_cache.get(k)  # type: ignore[arg-type]
+            # One list per distinct ref, so that tasks sharing a function frame share
+            # it in RunTasks too (FrameList.add(share=True)).
+            if type(ref) is not list or len(ref) != 2:
+                raise P.ProtocolError(f"bad frame reference {ref!r}")
+            k = (ref[0], ref[1])
+            got = frames_cache.get(k)
             if got is None:
-                got = frames_cache[k] = P.ref_frames(payload, ref)  # type: ignore[index]
+                got = frames_cache[k] = P.ref_frames(payload, ref)
             return got
 
         # Parse and check the whole batch before changing anything: a bad graph is
@@ -865,24 +974,37 @@ class BrokerState:
             )
             if not isinstance(key, str) or not isinstance(deps, list):
                 raise P.ProtocolError("malformed task entry")
-            if key in tasks or key in new:
-                continue
-            for d in deps:
-                if not isinstance(d, str):
-                    raise P.ProtocolError("dependency keys must be strings")
-                if d not in tasks and d not in new:
-                    forward_ref = True
+            if not all(isinstance(d, str) for d in deps):
+                raise P.ProtocolError("dependency keys must be strings")
+            if not _is_number(prio) or type(retries) is not int:
+                raise P.ProtocolError(f"malformed priority or retries for {key!r}")
+            if resources is not None:
+                _check_resources(resources)
+            if workers is not None and not (
+                isinstance(workers, list) and all(isinstance(x, str) for x in workers)
+            ):
+                raise P.ProtocolError(f"malformed worker restriction for {key!r}")
+            if not isinstance(loose, bool):
+                raise P.ProtocolError(f"malformed allow_other_workers for {key!r}")
             fn = None if fn_ref is None else frames_for(fn_ref)
             args = frames_for(args_ref)
+            if key in tasks or key in new:
+                continue  # pure dedup: the first definition wins
+            # A key named twice (an argument used twice) is one dependency: counted
+            # twice it would keep the task waiting forever.
+            deps = list(dict.fromkeys(deps))
+            for d in deps:
+                if d not in tasks and d not in new:
+                    forward_ref = True
             new[key] = (
                 fn,
                 args,
                 tuple(deps),
                 int(prio),
-                int(retries),
+                retries,
                 resources,
                 workers,
-                bool(loose),
+                loose,
             )
         problem = None
         if forward_ref:
@@ -896,8 +1018,8 @@ class BrokerState:
             )
             if dangling:
                 problem = (
-                    f"the graph refers to {len(dangling)} key(s) that it does not define "
-                    f"and the broker does not hold: {', '.join(dangling[:5])}"
+                    f"the graph refers to {len(dangling)} key(s) that it does not "
+                    f"define and the broker does not hold: {', '.join(dangling[:5])}"
                 )
             else:
                 cycle = find_cycle(
@@ -907,10 +1029,10 @@ class BrokerState:
                     problem = (
                         f"the graph has a cycle: {' -> '.join([*cycle, cycle[0]])}"
                     )
+        if not all(isinstance(w, str) for w in msg.wants):
+            raise P.ProtocolError("wanted keys must be strings")
         if problem is None:
             for w in msg.wants:
-                if not isinstance(w, str):
-                    raise P.ProtocolError("wanted keys must be strings")
                 if w not in tasks and w not in new:
                     problem = (
                         f"key {w!r} is not defined by the graph nor held by the broker"
@@ -918,9 +1040,8 @@ class BrokerState:
                     break
         if problem is not None:
             err = [pickle.dumps(GraphError(problem))]
-            for w in msg.wants:
-                if isinstance(w, str):
-                    self._update(ident, w, "error", err, f"GraphError: {problem}")
+            for w in dict.fromkeys(msg.wants):
+                self._update(ident, w, "error", err, f"GraphError: {problem}")
             return
         # Insert in dependency order: Kahn over the new keys (the usual case, already
         # ordered, is one pass).
@@ -931,17 +1052,8 @@ class BrokerState:
             fn, args, deps, prio, retries, resources, workers, loose = new[key]
             restrict = None
             if workers:
-                restrict = ({str(x) for x in workers}, loose)
-            t = Task(
-                key,
-                fn,
-                args,
-                deps,
-                (-prio, seq, i),
-                retries,
-                resources if isinstance(resources, dict) else None,
-                restrict,
-            )
+                restrict = (set(workers), loose)
+            t = Task(key, fn, args, deps, (-prio, seq, i), retries, resources, restrict)
             tasks[key] = t
             graph.add(key, deps)
         for key in msg.wants:
@@ -952,7 +1064,9 @@ class BrokerState:
             t = tasks[key]
             if t.state is TaskState.RELEASED:
                 self._schedule_new(t)
-        for key in msg.wants:
+        for key in dict.fromkeys(msg.wants):
+            if key in new:
+                continue  # told by _task_finished / _fail like every new task
             t = tasks[key]
             if t.state is TaskState.MEMORY:
                 self._update(ident, key, "finished", t.inline, "")
@@ -962,24 +1076,27 @@ class BrokerState:
             elif t.state is TaskState.RELEASED:
                 self._recompute(t, "wanted again")
         for key in order:
-            self._maybe_forget(tasks[key])
+            nt = tasks.get(key)
+            if nt is not None:
+                self._maybe_forget(nt)
 
     def _schedule_new(self, t: Task) -> None:
         tasks = self.tasks
-        waiting = 0
-        erred = None
-        for d in t.deps:
-            dt = tasks[d]
-            if dt.state is TaskState.ERRED:
-                erred = dt
-            elif dt.state is not TaskState.MEMORY:
-                waiting += 1
-                if dt.state is TaskState.RELEASED:
-                    self._recompute(dt, f"needed by {t.key}")
+        deps = [tasks[d] for d in t.deps]
+        erred = next((d for d in deps if d.state is TaskState.ERRED), None)
         if erred is not None:
+            # Before recomputing any released dependency: nothing of it would be used.
             assert erred.error is not None
             self._fail(t, *erred.error)
             return
+        waiting = 0
+        for dt in deps:
+            if dt.state is not TaskState.MEMORY:
+                waiting += 1
+                if dt.state is TaskState.RELEASED:
+                    self._recompute(dt, f"needed by {t.key}")
+        if t.state is TaskState.ERRED:
+            return  # a recomputed dependency failed at once (its own dependency erred)
         t.waiting_on = waiting
         if waiting:
             self._transition(t, TaskState.WAITING, "submitted")
@@ -1007,17 +1124,23 @@ class BrokerState:
         if c is None:
             return
         seen: set[str] = set()
-        stack = [k for k in msg.keys if isinstance(k, str)]
+        asked = {k for k in msg.keys if isinstance(k, str)}
+        stack = list(asked)
         while stack:
             key = stack.pop()
             t = self.tasks.get(key)
             if t is None or key in seen:
                 continue
             seen.add(key)
-            if t.state in FINAL_STATES and key not in msg.keys:
+            if key in asked and not msg.force and t.wanted_by - {ident}:
+                # Others still want it (dask's force=False): only this client's
+                # future is cancelled; the task and its dependents go on.
+                clients = [ident]
+            elif key not in asked and t.state in FINAL_STATES:
                 continue
-            stack.extend(self.graph.dependents(key))
-            clients = list(t.wanted_by) if msg.force or key not in msg.keys else [ident]
+            else:
+                clients = list(t.wanted_by)  # it will not run: cancelled for everyone
+                stack.extend(self.graph.dependents(key))
             for cid in clients:
                 self._update(cid, key, "cancelled", None, "cancelled")
                 t.wanted_by.discard(cid)
@@ -1060,11 +1183,18 @@ class BrokerState:
     def _on_gather(self, ident: bytes, msg: P.Gather, payload: list[Any]) -> None:
         if self._client(ident) is None:
             return
+        self._gather(ident, msg.request_id, msg.keys, reply_empty=True)
+
+    def _gather(
+        self, client: bytes, request_id: int, keys: list[Any], reply_empty: bool = False
+    ) -> None:
+        """Answer inline values and missing keys now; ask holders for the rest (their
+        replies reach the client as further DataReply parts of the same request)."""
         values: list[Any] = []
         frames = P.FrameList()
         missing: list[Any] = []
         by_worker: dict[bytes, list[str]] = {}
-        for key in msg.keys:
+        for key in keys:
             t = self.tasks.get(key) if isinstance(key, str) else None
             if t is None or t.state is not TaskState.MEMORY:
                 missing.append(key)
@@ -1073,20 +1203,25 @@ class BrokerState:
             else:
                 holder = min(t.who_has, key=lambda i: len(self.workers[i].processing))
                 by_worker.setdefault(holder, []).append(key)
-        if values or missing or not by_worker:
+        if values or missing or (reply_empty and not by_worker):
             self._out.append(
-                (ident, P.DataReply(msg.request_id, values, missing), frames.frames)
+                (client, P.DataReply(request_id, values, missing), frames.frames)
             )
-        for holder, keys in by_worker.items():
+        for holder, held in by_worker.items():
             req = next(self._req)
-            self._gathers[req] = _Pending(ident, msg.request_id, set(keys))
-            self._send(holder, P.SendData(req, keys))
+            self._gathers[req] = _Pending(client, request_id, set(held), holder)
+            self._gathers_by_worker.setdefault(holder, set()).add(req)
+            self._send(holder, P.SendData(req, held))
 
     def _on_data_reply(
         self, ident: bytes, msg: P.DataReply, payload: list[Any]
     ) -> None:
-        pending = self._gathers.pop(msg.request_id, None)
-        if pending is None or pending.client not in self.clients:
+        pending = self._gathers.get(msg.request_id)
+        if pending is None or pending.worker != ident:
+            return  # not a request of ours to this peer
+        del self._gathers[msg.request_id]
+        self._gathers_by_worker.get(ident, set()).discard(msg.request_id)
+        if pending.client not in self.clients:
             return
         self._out.append(
             (
@@ -1207,6 +1342,40 @@ class BrokerState:
         updates.append([key, status, None if frames is None else fl.add(frames), text])
 
     _handlers: dict[type, Any] = {}
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_resources(resources: Any) -> None:
+    """Resources are ``{name: amount}``; anything else would break dispatch later."""
+    if not isinstance(resources, dict) or not all(
+        isinstance(k, str) and _is_number(v) and v >= 0 for k, v in resources.items()
+    ):
+        raise P.ProtocolError(f"malformed resources {resources!r}")
+
+
+def _check_result(entry: Any, payload: list[Any]) -> list[Any] | None:
+    """Validate one TaskResults entry; return the frames its ref names (or None)."""
+    if not isinstance(entry, list) or len(entry) != 7:
+        raise P.ProtocolError("malformed task result entry")
+    key, status, nbytes, typename, ref, text, duration = entry
+    if (
+        not isinstance(key, str)
+        or not isinstance(typename, str)
+        or not isinstance(text, str)
+        or type(nbytes) is not int
+        or not _is_number(duration)
+    ):
+        raise P.ProtocolError(f"malformed task result entry for {key!r}")
+    if status == "memory":
+        return None if ref is None else P.ref_frames(payload, ref)
+    if status == "error":
+        return P.ref_frames(payload, ref)
+    if status in ("missing", "cancelled"):
+        return None
+    raise P.ProtocolError(f"unknown task status {status!r}")
 
 
 def _dependency_order(new: dict[str, tuple[Any, ...]]) -> list[str]:

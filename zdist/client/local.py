@@ -150,8 +150,17 @@ class WorkerProcess:
             self.proc.stdin.flush()
 
     def terminate(self) -> None:
+        """Graceful: the worker hands queued work back and finishes running tasks."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Immediate: closing the lifeline makes the supervisor stop its worker now."""
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
 
     def wait(self, timeout: float) -> None:
         try:
@@ -196,6 +205,9 @@ class _ThreadedWorker:
 
     def terminate(self) -> None:
         self.worker.close_gracefully("scaled down")
+
+    def kill(self) -> None:
+        self.worker.stop()
 
     def wait(self, timeout: float) -> None:
         self.thread.join(timeout)
@@ -421,7 +433,7 @@ def _shutdown(
     ws = list(workers.values())
     workers.clear()
     for w in ws:
-        w.terminate()
+        w.kill()
     for w in ws:
         w.wait(10)
     if broker is not None:

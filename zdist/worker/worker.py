@@ -54,7 +54,7 @@ class WorkerConfig:
 
 
 class _Task:
-    __slots__ = ("args", "deps", "fn", "inline", "key", "missing", "resources")
+    __slots__ = ("args", "cancelled", "fn", "inline", "key", "missing")
 
     def __init__(self, key: str, fn: list[Any] | None, args: list[Any]) -> None:
         self.key = key
@@ -62,6 +62,7 @@ class _Task:
         self.args = args
         self.inline: dict[str, list[Any]] = {}
         self.missing: set[str] = set()
+        self.cancelled = False
 
 
 class Worker:
@@ -119,7 +120,9 @@ class Worker:
         self._threads_lock = threading.Lock()
         self._active_threads = 0
         self._executing: set[str] = set()
-        self._cancelled: set[str] = set()
+        # Guards the hand-over of a queued task: a task thread claims it (executing)
+        # or the I/O loop withdraws it (cancelled), never both.
+        self._claim = threading.Lock()
         self._stop = threading.Event()
         self._closing = False
         self.status = "init"
@@ -285,9 +288,7 @@ class Worker:
             for key in msg.keys:
                 self.data.pop(key, None)
         elif isinstance(msg, P.CancelTasks):
-            for key in msg.keys:
-                if key in self.tasks and key not in self._executing:
-                    self._cancelled.add(key)
+            self._withdraw(msg.keys)
         elif isinstance(msg, P.SendData):
             values, frames, missing = self._pack_values(msg.keys)
             self._send(P.DataReply(msg.request_id, values, missing), frames)
@@ -319,7 +320,6 @@ class Worker:
             key, fn_ref, args_ref, deps, _resources = entry
             fn = None if fn_ref is None else P.ref_frames(payload, fn_ref)
             t = _Task(key, fn, P.ref_frames(payload, args_ref))
-            self._cancelled.discard(key)
             for dep, where in deps:
                 if isinstance(where, list):
                     t.inline[dep] = P.ref_frames(payload, where)
@@ -334,6 +334,25 @@ class Worker:
                 self._ready.put(t)
         for peer, keys in fetch.items():
             self._fetch(peer, keys)
+
+    def _withdraw(self, keys: list[Any], report: bool = True) -> list[str]:
+        """Take back tasks that have not started (cancel, steal, hand-back)."""
+        withdrawn = []
+        with self._claim:
+            for key in keys:
+                t = self.tasks.get(key)
+                if t is None or key in self._executing:
+                    continue  # running: it finishes and reports as usual
+                t.cancelled = True
+                del self.tasks[key]
+                withdrawn.append(key)
+        for key in withdrawn:
+            for waiting in self._fetch_wanted.values():
+                if key in waiting:
+                    waiting.remove(key)
+            if report:
+                self._results.append([key, "cancelled", 0, "", None, "", -1.0])
+        return withdrawn
 
     def _lookup_for(self, t: _Task) -> Any:
         data = self.data
@@ -362,11 +381,10 @@ class Worker:
             t = self._ready.get()
             if t is None:
                 return
-            if t.key in self._cancelled:
-                self._done.append(("cancelled", t.key))
-                self._wake()
-                continue
-            self._executing.add(t.key)
+            with self._claim:
+                if t.cancelled:
+                    continue
+                self._executing.add(t.key)
             context.set_current(self, t.key)
             out = run_task(t.key, t.fn, t.args, self._lookup_for(t), self._functions)
             context.set_current(self)
@@ -402,9 +420,6 @@ class Worker:
             kind, item = done.popleft()
             if kind == "task":
                 self._task_done(item)
-            elif kind == "cancelled":
-                self.tasks.pop(item, None)
-                self._cancelled.discard(item)
             elif kind == "seceded":
                 self._send(P.TaskSeceded(item))
             elif kind == "run":
@@ -414,9 +429,6 @@ class Worker:
     def _task_done(self, out: Outcome) -> None:
         self._executing.discard(out.key)
         t = self.tasks.pop(out.key, None)
-        if out.key in self._cancelled:
-            self._cancelled.discard(out.key)
-            return
         frames = self._result_frames
         if out.ok:
             self.data[out.key] = out.value
@@ -596,10 +608,7 @@ class Worker:
             self._stop.set()
             return
         if self.status == "running":
-            queued = [k for k in self.tasks if k not in self._executing]
-            for k in queued:
-                self._cancelled.add(k)
-                self.tasks.pop(k, None)
+            queued = self._withdraw(list(self.tasks), report=False)
             self.flush_results()
             self._send(P.WorkerStatus("closing", queued))
             self.status = "closing"

@@ -1,0 +1,81 @@
+"""Task functions importable by worker processes (tests put tests/ on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+def total(xs: list[int]) -> int:
+    return sum(xs)
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def noop(x: Any = None) -> None:
+    return None
+
+
+def fail(x: Any = None) -> None:
+    raise ValueError(f"bad value {x!r}")
+
+
+def slow_inc(x: int, delay: float = 0.1) -> int:
+    time.sleep(delay)
+    return x + 1
+
+
+def pid(x: Any = None) -> int:
+    return os.getpid()
+
+
+def make_bytes(n: int) -> bytes:
+    return b"x" * n
+
+
+def length(*xs: Any) -> int:
+    return sum(len(x) for x in xs)
+
+
+def touch(path: str) -> str:
+    with open(path, "w") as f:
+        f.write("ran")
+    return path
+
+
+def worker_name(x: Any = None) -> str:
+    from zdist import get_worker
+
+    return get_worker().name
+
+
+class Unpicklable:
+    def __reduce__(self) -> Any:
+        raise TypeError("this object refuses to be pickled")
+
+
+def return_unpicklable(x: Any = None) -> Unpicklable:
+    return Unpicklable()
+
+
+class CustomError(Exception):
+    pass
+
+
+def raise_custom(x: Any = None) -> None:
+    raise CustomError(f"custom failure {x}")
