@@ -58,7 +58,7 @@ def touch(path: str) -> str:
     return path
 
 
-def worker_name(x: Any = None) -> str:
+def worker_name(*_: Any) -> str:
     from zdist import get_worker
 
     return get_worker().name
@@ -79,3 +79,7 @@ class CustomError(Exception):
 
 def raise_custom(x: Any = None) -> None:
     raise CustomError(f"custom failure {x}")
+
+
+def getenv(name: str) -> str | None:
+    return os.environ.get(name)
