@@ -111,7 +111,7 @@ EOF
     local deadline=$((SECONDS + 30)) pid
     for pid in "${pids[@]}"; do
         while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
-        kill -TERM "$pid" 2>/dev/null
+        kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null
     done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
     if [ -n "$broker_pid" ]; then

@@ -89,7 +89,8 @@ EOF
     if [ -n "$srun_pid" ]; then
         local deadline=$((SECONDS + 30))
         while kill -0 "$srun_pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
-        kill -TERM "$srun_pid" 2>/dev/null # srun forwards SIGTERM to the workers
+        # srun forwards SIGTERM to the workers.
+        kill -0 "$srun_pid" 2>/dev/null && kill -TERM "$srun_pid" 2>/dev/null
         wait "$srun_pid" 2>/dev/null
     fi
     if [ -n "$broker_pid" ]; then

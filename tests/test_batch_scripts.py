@@ -112,7 +112,11 @@ def test_pbs_job_script_through_torque_qsub(tmp_path: Path) -> None:
     write_user_script(tmp_path)
     out = subprocess.run(
         ["qsub", str(PBS_JOB), "analysis.py", "one", "two"],
-        cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=60,
+        cwd=tmp_path,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     job_id = out.stdout.strip()
@@ -132,9 +136,20 @@ def test_slurm_job_script_through_sbatch(tmp_path: Path) -> None:
     require_slurm()
     write_user_script(tmp_path)
     out = subprocess.run(
-        ["sbatch", "--parsable", "-o", str(tmp_path / "job-%j.out"), str(SLURM_JOB),
-         "analysis.py", "three"],
-        cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=60,
+        [
+            "sbatch",
+            "--parsable",
+            "-o",
+            str(tmp_path / "job-%j.out"),
+            str(SLURM_JOB),
+            "analysis.py",
+            "three",
+        ],
+        cwd=tmp_path,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip().split(";")[0]
@@ -143,7 +158,9 @@ def test_slurm_job_script_through_sbatch(tmp_path: Path) -> None:
     assert_ran(output, [f"zworker-{HOST}"], "three")
     assert "Traceback" not in output, output
     state = subprocess.run(
-        ["scontrol", "show", "job", job_id], capture_output=True, text=True,
+        ["scontrol", "show", "job", job_id],
+        capture_output=True,
+        text=True,
         timeout=30,
     ).stdout
     if state:  # finished jobs stay visible for MinJobAge (300 s)
@@ -159,9 +176,14 @@ def test_pbs_job_starts_one_worker_per_node_of_the_nodefile(tmp_path: Path) -> N
     out = subprocess.run(
         ["bash", str(PBS_JOB), "analysis.py"],
         cwd=tmp_path,
-        env=job_env(PBS_NODEFILE=str(nodefile), PBS_JOBID="4242.testserver",
-                    PBS_O_WORKDIR=str(tmp_path)),
-        capture_output=True, text=True, timeout=90,
+        env=job_env(
+            PBS_NODEFILE=str(nodefile),
+            PBS_JOBID="4242.testserver",
+            PBS_O_WORKDIR=str(tmp_path),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert_ran(out.stdout, [f"zworker-{HOST}"])
@@ -189,14 +211,21 @@ def test_pbs_job_reaches_other_nodes_through_ssh(tmp_path: Path) -> None:
     nodefile.write_text("node-a\nnode-a\nnode-b.cluster\nnode-b.cluster\n")
     log = tmp_path / "ssh.log"
     env = job_env(
-        PBS_NODEFILE=str(nodefile), PBS_JOBID="4343.testserver",
-        PBS_O_WORKDIR=str(tmp_path), SSH_LOG=str(log), USER_EXIT="3",
+        PBS_NODEFILE=str(nodefile),
+        PBS_JOBID="4343.testserver",
+        PBS_O_WORKDIR=str(tmp_path),
+        SSH_LOG=str(log),
+        USER_EXIT="3",
         PATH=f"{bin_dir}:{os.environ['PATH']}",
     )
     env.pop("ZDIST_LAUNCHER", None)
     out = subprocess.run(
         ["bash", str(PBS_JOB), "analysis.py"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
     assert out.returncode == 3, out.stdout + out.stderr  # the script's own status
     assert_ran(out.stdout, ["zworker-node-a", "zworker-node-b"])
@@ -206,8 +235,12 @@ def test_pbs_job_reaches_other_nodes_through_ssh(tmp_path: Path) -> None:
 
 def test_pbs_job_without_a_script_says_how_to_use_it(tmp_path: Path) -> None:
     out = subprocess.run(
-        ["bash", str(PBS_JOB)], cwd=tmp_path, env=job_env(), capture_output=True,
-        text=True, timeout=30,
+        ["bash", str(PBS_JOB)],
+        cwd=tmp_path,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 2
     assert re.search(r"usage: pbs-job.sh SCRIPT.py", out.stderr), out.stderr

@@ -53,7 +53,7 @@ source /scratch/abc/Training-Venv/parallel_python/bin/activate
 """
 
 
-# ---- task functions (workers import this module: tests/ is on their PYTHONPATH) -------
+# ---- task functions (workers import this module: tests/ is on their PYTHONPATH)
 
 
 def slow_inc_name(x: int, delay: float) -> tuple[int, str]:
@@ -220,7 +220,7 @@ def test_world_writable_directory_is_refused(tmp_path: Path) -> None:
         SLURMCluster(cores=1, memory="1GB", shared_temp_directory=shared)
 
 
-# ---- real Slurm -----------------------------------------------------------------------
+# ---- real Slurm ----------------------------------------------------------------------
 
 
 @pytest.mark.slurm
@@ -516,3 +516,102 @@ def test_cluster_joins_a_running_broker_through_its_scheduler_file(
     finally:
         broker.terminate()
         broker.wait(10)
+
+
+# ---- PBS Pro's output, from a stand-in qsub/qstat/qdel ------------------------------
+
+FAKE_PBS = {
+    "qsub": r"""
+n=$(( $(cat "$PBS_STATE/counter" 2>/dev/null || echo 1000) + 1 ))
+echo "$n" > "$PBS_STATE/counter"
+echo Q > "$PBS_STATE/job.$n"
+echo "qsub $* cwd=$PWD" >> "$PBS_STATE/calls"
+echo "$n.gadi-pbs"
+""",
+    "qstat": r"""
+echo "qstat $*" >> "$PBS_STATE/calls"
+echo "Job id            Name             User              Time Use S Queue"
+echo "----------------  ---------------- ----------------  -------- - -----"
+rc=0
+for id in "$@"; do
+    n=${id%%.*}
+    if [ -f "$PBS_STATE/job.$n" ]; then
+        printf '%-17s %-16s %-17s %-8s %s %s\n' "$id" zworker jdoe 0 \
+            "$(cat "$PBS_STATE/job.$n")" normal
+    else
+        echo "qstat: Unknown Job Id $id" >&2
+        rc=153
+    fi
+done
+exit $rc
+""",
+    "qdel": r"""
+echo "qdel $*" >> "$PBS_STATE/calls"
+for id in "$@"; do rm -f "$PBS_STATE/job.${id%%.*}"; done
+""",
+}
+
+
+def test_pbs_pro_job_ids_states_and_failures_with_a_stand_in_pbs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Torque-on-Slurm prints bare numbers; PBS Pro (Gadi) prints "1001.gadi-pbs",
+    # lists ended jobs as unknown (exit 153) and names output files job_name.oNNN.
+    bin_dir, state = tmp_path / "bin", tmp_path / "state"
+    bin_dir.mkdir()
+    state.mkdir()
+    for name, body in FAKE_PBS.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+        (bin_dir / name).chmod(0o700)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("PBS_STATE", str(state))
+    calls = state / "calls"
+    with PBSCluster(
+        cores=2,
+        memory="1GB",
+        shared_temp_directory=tmp_path / "shared",
+        poll_interval=0.1,
+    ) as cluster:
+        keys = secrets_of(cluster.scheduler_file)
+        cluster.scale(jobs=2)
+        assert cluster.job_ids == ["1001.gadi-pbs", "1002.gadi-pbs"]
+        wait_for(
+            lambda: "qstat 1001.gadi-pbs 1002.gadi-pbs" in calls.read_text(),
+            10,
+            0.05,
+            "a queue poll",
+        )
+        assert {j.state for j in cluster.jobs.values()} == {JobState.pending}
+        # Job 1001 runs, writes its output and ends without a worker connecting.
+        submit_dir = Path(cluster.scheduler_file).parent  # the private directory
+        (submit_dir / "zworker.o1001").write_text("zworker: cannot import zdist\n")
+        (state / "job.1001").write_text("R\n")
+        wait_for(
+            lambda: cluster.jobs["1001.gadi-pbs"].state is JobState.running,
+            10,
+            0.05,
+            "job 1001 running",
+        )
+        (state / "job.1001").unlink()
+        wait_for(lambda: cluster.failed_jobs, 10, 0.05, "job 1001 reported")
+        [failed] = cluster.failed_jobs
+        assert failed.id == "1001.gadi-pbs" and failed.queue_state == "R"
+        assert "before any worker registered as zworker-1001.gadi-pbs" in failed.reason
+        assert "cannot import zdist" in failed.reason
+        # scale(jobs=2) still stands: a replacement is submitted.
+        wait_for(lambda: "1003.gadi-pbs" in cluster.jobs, 10, 0.05, "a replacement")
+        (state / "job.1002").write_text("R\n")
+        wait_for(
+            lambda: cluster.jobs["1002.gadi-pbs"].state is JobState.running,
+            10,
+            0.05,
+            "job 1002 running",
+        )
+        cluster.scale(jobs=1)  # the queued 1003 goes, not the running 1002
+        assert cluster.job_ids == ["1002.gadi-pbs"]
+        assert "qdel 1003.gadi-pbs\n" in calls.read_text()
+    assert "qdel 1002.gadi-pbs\n" in calls.read_text()
+    text = calls.read_text()
+    assert text.count("qsub ") == 3
+    for key in keys:
+        assert key not in text

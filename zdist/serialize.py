@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,13 +56,30 @@ def _buffer_callback(frames: list[Any]) -> Callable[[pickle.PickleBuffer], bool]
     return callback
 
 
+class _ByValue(Exception):
+    """Plain pickle would store this by reference where workers cannot find it."""
+
+
+def _reducer_override(obj: Any) -> Any:
+    # Functions and classes of the user's script (``__main__``) exist only in the
+    # client: plain pickle would name them, cloudpickle ships them. The C pickler
+    # calls this only for objects that are not plain containers or scalars.
+    if isinstance(obj, (types.FunctionType, type)) and obj.__module__ == "__main__":
+        raise _ByValue
+    return NotImplemented
+
+
+class _Pickler(pickle.Pickler):
+    reducer_override = staticmethod(_reducer_override)
+
+
 def dumps(obj: Any) -> list[Any]:
     """Serialise ``obj`` to frames (``[pickle, *buffers]``)."""
     frames: list[Any] = [b""]
     try:
-        frames[0] = pickle.dumps(
-            obj, PROTOCOL, buffer_callback=_buffer_callback(frames)
-        )
+        file = io.BytesIO()
+        _Pickler(file, PROTOCOL, buffer_callback=_buffer_callback(frames)).dump(obj)
+        frames[0] = file.getvalue()
     except Exception:
         del frames[1:]
         frames[0] = cloudpickle.dumps(
@@ -99,6 +117,8 @@ def _buffer(frame: Any) -> Any:
 
 
 class _ArgsPickler(pickle.Pickler):
+    reducer_override = staticmethod(_reducer_override)
+
     def __init__(self, file: io.BytesIO, frames: list[Any], deps: dict[str, None]):
         super().__init__(file, PROTOCOL, buffer_callback=_buffer_callback(frames))
         self._deps = deps

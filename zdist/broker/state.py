@@ -955,7 +955,8 @@ class BrokerState:
         def frames_for(ref: Any) -> list[Any]:
             # One list per distinct ref, so that tasks sharing a function frame share
             # it in RunTasks too (FrameList.add(share=True)).
-            if type(ref) is not list or len(ref) != 2:
+            # Types first: (True, 1) == (1, 1) would hit another ref's cache entry.
+            if type(ref) is not list or len(ref) != 2 or {*map(type, ref)} != {int}:
                 raise P.ProtocolError(f"bad frame reference {ref!r}")
             k = (ref[0], ref[1])
             got = frames_cache.get(k)

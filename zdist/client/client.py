@@ -19,7 +19,7 @@ from zdist.client.comm import Connection
 from zdist.client.future import Future, FutureState
 from zdist.errors import CommClosedError, GraphError, SecurityError
 from zdist.net import split_address
-from zdist.security import Security, read_json_file
+from zdist.security import Security, wait_for_scheduler_file
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Client:
             address = address.scheduler_address
         sec_info: dict[str, Any] = {}
         if scheduler_file is not None:
-            sec_info = read_json_file(scheduler_file)
+            sec_info = wait_for_scheduler_file(scheduler_file, timeout)
             address = address or sec_info.get("address")
         if not isinstance(address, str):
             raise ValueError(f"cannot find a broker address in {scheduler_file!r}")

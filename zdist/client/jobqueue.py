@@ -303,8 +303,6 @@ class JobQueueCluster:
 
     submit_command = ""
     cancel_command = ""
-    #: The scheduler word for this kind of cluster, used in messages.
-    scheduler_name = ""
 
     def __init__(
         self,
@@ -682,6 +680,8 @@ class JobQueueCluster:
         with self._res.lock:
             if self.status is not Status.running:
                 return
+            if not (self._res.jobs or self._target or self._adaptive):
+                return  # idle: nothing to watch
             due = time.monotonic() - self._last_poll >= self.poll_interval
             self._refresh(poll_queue=due)
             adaptive = self._adaptive
@@ -906,7 +906,6 @@ class PBSCluster(JobQueueCluster):
 
     submit_command = "qsub"
     cancel_command = "qdel"
-    scheduler_name = "PBS"
     #: qstat's one-letter states (PBS Pro and Torque); C, F, X and absent mean ended.
     PENDING = frozenset("QHWTM")
     RUNNING = frozenset("REBSU")
@@ -943,7 +942,6 @@ class SLURMCluster(JobQueueCluster):
 
     submit_command = "sbatch"
     cancel_command = "scancel"
-    scheduler_name = "Slurm"
     PENDING = frozenset(
         {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
     )

@@ -8,7 +8,6 @@ import re
 import signal
 import sys
 import threading
-import time
 
 import click
 
@@ -16,7 +15,7 @@ from zdist._lifeline import watch_stdin
 from zdist._version import __version__
 from zdist.errors import SecurityError, ZdistError
 from zdist.net import interface_ip, split_address
-from zdist.security import Security, read_json_file, read_security_stream
+from zdist.security import Security, read_security_stream, wait_for_scheduler_file
 from zdist.worker.nanny import Nanny
 from zdist.worker.worker import Worker, WorkerConfig
 
@@ -93,22 +92,6 @@ def parse_seconds(text: str | None) -> float | None:
         raise click.BadParameter(f"{text!r} is not a duration like 90, 960s, 20m or 1h")
     scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
     return float(m.group(1)) * scale
-
-
-def wait_for_scheduler_file(path: str, timeout: float | None) -> dict:
-    """Batch jobs may start before the broker has written its file: wait for it."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    announced = False
-    while not os.path.exists(path):
-        if deadline is not None and time.monotonic() > deadline:
-            raise SecurityError(
-                f"scheduler file {path} did not appear within {timeout} s"
-            )
-        if not announced:
-            logger.info("waiting for scheduler file %s", path)
-            announced = True
-        time.sleep(0.2)
-    return read_json_file(path)
 
 
 def resolve_connection(
