@@ -212,6 +212,39 @@ def test_missing_qsub_is_a_clear_error(
         assert cluster.jobs == {}
 
 
+def test_broker_address_follows_interface_and_scheduler_options(
+    tmp_path: Path,
+) -> None:
+    ib0 = require_ib0()
+    # The workers' interface (lo) and the broker's (ib0) may differ, as on clusters
+    # whose login and compute nodes name their fast network differently.
+    with SLURMCluster(
+        cores=1,
+        memory="1GB",
+        interface="lo",
+        scheduler_options={"interface": "ib0"},
+        shared_temp_directory=tmp_path,
+    ) as cluster:
+        assert cluster.scheduler_address.startswith(f"tcp://{ib0}:")
+        assert "--interface lo" in cluster.job_script()
+    with SLURMCluster(
+        cores=1,
+        memory="1GB",
+        scheduler_options={"host": "127.0.0.1"},
+        shared_temp_directory=tmp_path,
+    ) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert "--interface" not in cluster.job_script()
+    with pytest.raises(TypeError, match="scheduler_options supports"):
+        SLURMCluster(
+            cores=1,
+            memory="1GB",
+            scheduler_options={"dashboard": 1},
+            shared_temp_directory=tmp_path,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_world_writable_directory_is_refused(tmp_path: Path) -> None:
     shared = tmp_path / "open"
     shared.mkdir()
@@ -501,21 +534,29 @@ def test_cluster_joins_a_running_broker_through_its_scheduler_file(
         assert broker.stdout is not None
         assert "listening at" in broker.stdout.readline().decode()
         with slurm(
-            scheduler_file=str(sched), shared_temp_directory=tmp_path
+            cores=2,
+            processes=2,
+            scheduler_file=str(sched),
+            shared_temp_directory=tmp_path,
         ) as cluster:
             assert f"--scheduler-file {sched} " in cluster.job_script()
             cluster.scale(jobs=1)
             [job_id] = cluster.job_ids
+            cluster.wait_for_workers(2, timeout=60)
+            # Two worker processes in one job: zworker's -0, -1 suffixes.
+            names = {f"zworker-{job_id}-0", f"zworker-{job_id}-1"}
+            assert cluster.jobs[job_id].workers == names
+            assert cluster.jobs[job_id].state is JobState.connected
             with Client(scheduler_file=str(sched)) as client:
-                assert client.submit(slow_inc_name, 1, 0.0).result(timeout=60) == (
-                    2,
-                    f"zworker-{job_id}",
-                )
+                value, name = client.submit(slow_inc_name, 1, 0.0).result(timeout=60)
+                assert value == 2 and name in names
         assert_all_gone([job_id])
         assert broker.poll() is None  # not ours to stop
     finally:
         broker.terminate()
         broker.wait(10)
+        assert broker.stdout is not None
+        broker.stdout.close()
 
 
 # ---- PBS Pro's output, from a stand-in qsub/qstat/qdel ------------------------------
@@ -573,7 +614,8 @@ def test_pbs_pro_job_ids_states_and_failures_with_a_stand_in_pbs(
         poll_interval=0.1,
     ) as cluster:
         keys = secrets_of(cluster.scheduler_file)
-        cluster.scale(jobs=2)
+        assert cluster.worker_processes == 2  # cores=2: dask's split, 2 x 1 thread
+        cluster.scale(3)  # workers: two jobs of two
         assert cluster.job_ids == ["1001.gadi-pbs", "1002.gadi-pbs"]
         wait_for(
             lambda: "qstat 1001.gadi-pbs 1002.gadi-pbs" in calls.read_text(),

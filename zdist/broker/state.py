@@ -410,11 +410,15 @@ class BrokerState:
             # holds stays valid, so it must not be declared lost and recomputed.
             kept = old.data.intersection(k for k in msg.keys if isinstance(k, str))
             old.data -= kept
+            # Its pending gathers are asked again of the new session (below).
+            gathers = self._gathers_by_worker.pop(ident, set())
             self.remove_worker(ident, planned=True)
             for key in kept:
                 t = self.tasks.get(key)
                 if t is not None:
                     t.who_has.add(ident)
+        else:
+            gathers = set()
         w = Worker(ident, msg, self.now)
         self.workers[ident] = w
         logger.info(
@@ -439,6 +443,12 @@ class BrokerState:
                 unknown.append(key)
         if unknown:
             self._send(ident, P.FreeKeys(unknown))
+        for req in sorted(gathers):
+            pending = self._gathers.pop(req, None)
+            if pending is not None and pending.client in self.clients:
+                self._gather(
+                    pending.client, pending.client_request, sorted(pending.remaining)
+                )
         self._dirty = True
 
     def remove_worker(self, ident: bytes, planned: bool) -> None:
@@ -1202,7 +1212,11 @@ class BrokerState:
             elif t.inline is not None:
                 values.append([key, frames.add(t.inline)])
             else:
-                holder = min(t.who_has, key=lambda i: len(self.workers[i].processing))
+                holders = [self.workers[i] for i in t.who_has if i in self.workers]
+                if not holders:
+                    missing.append(key)
+                    continue
+                holder = min(holders, key=lambda w: len(w.processing)).ident
                 by_worker.setdefault(holder, []).append(key)
         if values or missing or (reply_empty and not by_worker):
             self._out.append(

@@ -78,7 +78,9 @@ class Client:
             raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
         if address is not None and not isinstance(address, str):
             self.cluster = address
-            security = address.security if security is None else security
+            if security is None:
+                # A cluster object knows its keys; None there means security is off.
+                security = address.security if address.security is not None else False
             address = address.scheduler_address
         sec_info: dict[str, Any] = {}
         if scheduler_file is not None:

@@ -374,7 +374,6 @@ class JobQueueCluster:
         self._seq = 0
         self._failures = 0
         self._history: collections.deque[Job] = collections.deque(maxlen=1000)
-        self._submitted: list[str] = []
         self._adaptive: Adaptive | None = None
         self._last_poll = 0.0
         self._broker_workers: dict[str, dict[str, Any]] = {}
@@ -523,7 +522,6 @@ class JobQueueCluster:
         self._seq += 1
         job = Job(job_id, self._seq, argv)
         self._res.jobs[job_id] = job
-        self._submitted.append(job_id)
         logger.info("submitted job %s (%s)", job_id, self.job_name)
         return job
 
