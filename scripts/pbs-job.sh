@@ -31,9 +31,9 @@
 #   ZDIST_PYTHON          the Python with zdist installed [default: python3 on PATH,
 #                         e.g. after the 'source .../bin/activate' line below]
 #   ZDIST_INTERFACE       network interface for broker and workers, e.g. ib0 on Gadi
-#   ZDIST_WORKER_ARGS     extra zworker options per node, e.g.
-#                         "--nworkers 8 --nthreads 6 --local-directory $PBS_JOBFS"
-#                         [default: one worker process using every core of the node]
+#   ZDIST_WORKER_ARGS     extra zworker options per node, e.g. "--nworkers 8 --nthreads 6"
+#                         [default: one worker process using every core of the node;
+#                         it spills to $PBS_JOBFS, Gadi's node-local disk, when set]
 #   ZDIST_WAIT_WORKERS    worker processes to wait for before the script starts
 #                         [default: one per node; 0: do not wait]
 #   ZDIST_WAIT_TIMEOUT    seconds to wait for them [default: 300]
@@ -156,6 +156,9 @@ for node in "${nodes[@]}"; do
     worker=("$python" -m zdist.worker --scheduler-file "$ZDIST_SCHEDULER_FILE"
         --name "zworker-${node%%.*}" --death-timeout "$death_timeout"
         ${interface:+--interface "$interface"} ${ZDIST_WORKER_ARGS:-})
+    if [ -n "${PBS_JOBFS:-}" ] && [[ " ${ZDIST_WORKER_ARGS:-} " != *" --local-directory"* ]]; then
+        worker+=(--local-directory "$PBS_JOBFS") # the same path on every node of the job
+    fi
     if is_this_host "$node"; then
         "${worker[@]}" &
     else

@@ -44,7 +44,7 @@ def pid(x: Any = None) -> int:
     return os.getpid()
 
 
-def make_bytes(n: int) -> bytes:
+def make_bytes(n: int, *_: Any) -> bytes:
     return b"x" * n
 
 

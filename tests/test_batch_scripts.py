@@ -39,12 +39,15 @@ def square(x):
 
 path = os.environ["ZDIST_SCHEDULER_FILE"]
 with Client(scheduler_file=path) as client:
-    names = sorted(w["name"] for w in client.scheduler_info()["workers"].values())
+    workers = client.scheduler_info()["workers"].values()
+    names = sorted(w["name"] for w in workers)
+    local_dirs = sorted(w["local_directory"] for w in workers)
     total = sum(client.gather(client.map(square, range(10))))
 print("WORKERS", " ".join(names))
 print("ANSWER", total, "OK" if total == 285 else "WRONG")
 print("MODE", oct(stat.S_IMODE(os.stat(path).st_mode)))
 print("ARGS", " ".join(sys.argv[1:]))
+print("LOCAL_DIRS", " ".join(local_dirs))
 sys.exit(int(os.environ.get("USER_EXIT", "0")))
 """
 
@@ -56,9 +59,8 @@ def write_user_script(directory: Path) -> Path:
 
 
 def job_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    for var in ("PBS_NODEFILE", "PBS_JOBID", "PBS_O_WORKDIR", "ZDIST_SCHEDULER_FILE"):
-        env.pop(var, None)
+    # Nothing of an outer job or of the developer's settings leaks in.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PBS_", "ZDIST_"))}
     env["ZDIST_PYTHON"] = sys.executable
     env.update(extra)
     return env
@@ -173,6 +175,8 @@ def test_pbs_job_starts_one_worker_per_node_of_the_nodefile(tmp_path: Path) -> N
     write_user_script(tmp_path)
     nodefile = tmp_path / "nodefile"
     nodefile.write_text(f"{HOST}\n{HOST}\n")  # PBS lists a node once per core
+    jobfs = tmp_path / "jobfs"  # Gadi's node-local disk; workers spill there
+    jobfs.mkdir()
     out = subprocess.run(
         ["bash", str(PBS_JOB), "analysis.py"],
         cwd=tmp_path,
@@ -180,6 +184,7 @@ def test_pbs_job_starts_one_worker_per_node_of_the_nodefile(tmp_path: Path) -> N
             PBS_NODEFILE=str(nodefile),
             PBS_JOBID="4242.testserver",
             PBS_O_WORKDIR=str(tmp_path),
+            PBS_JOBFS=str(jobfs),
         ),
         capture_output=True,
         text=True,
@@ -187,6 +192,7 @@ def test_pbs_job_starts_one_worker_per_node_of_the_nodefile(tmp_path: Path) -> N
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert_ran(out.stdout, [f"zworker-{HOST}"])
+    assert f"LOCAL_DIRS {jobfs}" in out.stdout, out.stdout
     assert "1 node(s) started" in out.stderr
     assert_cleaned_up(tmp_path)
 
@@ -218,7 +224,6 @@ def test_pbs_job_reaches_other_nodes_through_ssh(tmp_path: Path) -> None:
         USER_EXIT="3",
         PATH=f"{bin_dir}:{os.environ['PATH']}",
     )
-    env.pop("ZDIST_LAUNCHER", None)
     out = subprocess.run(
         ["bash", str(PBS_JOB), "analysis.py"],
         cwd=tmp_path,

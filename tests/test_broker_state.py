@@ -83,6 +83,7 @@ class Sim:
             back, frames = P.decode(P.encode(msg, payload))
             assert back == msg
             out.append((ident, back, frames))
+        check_invariants(self.st)
         return out
 
     def tick(self, now: float) -> None:
@@ -161,6 +162,55 @@ class Sim:
 
     def state(self, key: str) -> TaskState:
         return self.st.tasks[key].state
+
+
+ACTIVE = {S.WAITING, S.READY, S.PROCESSING}
+
+
+def check_invariants(st: BrokerState) -> None:
+    """What the state's incremental bookkeeping must agree with, recounted."""
+    tasks = st.tasks
+    assert set(st.graph._succ) == set(tasks)
+    for key, t in tasks.items():
+        assert set(st.graph.dependencies(key)) == set(t.deps), key
+        assert len(set(t.deps)) == len(t.deps), key
+        dependents = [tasks[d] for d in st.graph.dependents(key)]
+        assert t.n_active == sum(d.state in ACTIVE for d in dependents), key
+        deps = [tasks[d] for d in t.deps]
+        if t.state is S.WAITING:
+            assert t.waiting_on == sum(d.state is not S.MEMORY for d in deps), key
+            assert t.waiting_on > 0, key
+        if t.state is S.READY:
+            assert all(d.state is S.MEMORY for d in deps), key
+        if t.state is S.PROCESSING:
+            assert key in st.workers[t.processing_on].processing, key  # type: ignore[index]
+        else:
+            assert t.processing_on is None, key
+        if t.state is S.MEMORY:
+            assert t.who_has or t.inline is not None, key
+        else:
+            assert not t.who_has and t.inline is None, key
+        assert t.who_has <= set(st.workers), key
+        if t.state is S.ERRED:
+            assert t.error is not None, key
+    for ident, w in st.workers.items():
+        for key in w.processing:
+            assert tasks[key].processing_on == ident, key
+        for key in w.data:
+            assert ident in tasks[key].who_has, key
+        used: dict[str, float] = {}
+        for key in w.processing:
+            for r, n in (tasks[key].resources or {}).items():
+                used[r] = used.get(r, 0) + n
+        assert w.avail == {
+            r: w.resources.get(r, 0) - used.get(r, 0) for r in w.avail
+        }, ident
+    for key, t in tasks.items():
+        for ident in t.who_has:
+            assert key in st.workers[ident].data, key
+    for ident, c in st.clients.items():
+        for key in c.wants:
+            assert ident in tasks[key].wanted_by, key
 
 
 def runs(out: list[Any]) -> dict[bytes, dict[str, dict[str, Any]]]:
@@ -619,6 +669,24 @@ def test_releasing_a_running_graph_stops_and_forgets_all_of_it() -> None:
     assert list(s.st.workers[W1].processing) == ["other"]
     s.send(W1, P.TaskResults([["a", "memory", 1, "int", [0, 1], "", 0.1]]), [b"1"])
     assert freed(s.flush(), W1) == ["a"]  # a late result of a forgotten task
+
+
+def test_released_task_that_stays_in_the_graph_stops_its_inputs(sim: Sim) -> None:
+    # b cannot be forgotten (finished c refers to it), but once d is released nothing
+    # needs b, so neither does anything need a, which is running to recompute b
+    sim.submit(C1, T("a"), T("b", "a"), T("c", "b"), wants=["c"])
+    for key in "abc":
+        sim.flush()
+        sim.finish(W1, key, large=True)
+    sim.flush()
+    assert [sim.state(k) for k in "abc"] == [S.RELEASED, S.RELEASED, S.MEMORY]
+    sim.submit(C1, T("d", "b"))
+    assert run_keys(sim.flush()) == {W1: ["a"]}
+    sim.send(C1, P.ReleaseKeys(["d"]))
+    out = sim.flush()
+    assert cancelled(out, W1) == ["a"]
+    assert [sim.state(k) for k in "abc"] == [S.RELEASED, S.RELEASED, S.MEMORY]
+    assert "d" not in sim.st.tasks
 
 
 def test_client_close_releases_its_tasks(sim: Sim) -> None:
@@ -1534,3 +1602,188 @@ def test_story_is_bounded() -> None:
     story = s.st.story("x")
     assert len(story) == STORY_LENGTH
     assert story[-2:] == [("ready", "retry"), ("processing", "w1")]
+
+
+# --------------------------------------------------------------------------------------
+# random operations: the bookkeeping holds whatever the order of events
+
+
+class FakeWorker:
+    def __init__(self, ident: bytes) -> None:
+        self.ident = ident
+        self.assigned: dict[str, dict[str, Any]] = {}  # key -> deps (where)
+        self.cancel: set[str] = set()
+        self.data: set[str] = set()
+        self.asks: list[P.SendData] = []
+
+
+class Fuzz:
+    def __init__(self, seed: int) -> None:
+        import random
+
+        self.rng = random.Random(seed)
+        self.sim = Sim(allowed_failures=2)
+        self.workers: dict[bytes, FakeWorker] = {}
+        self.clients: list[bytes] = []
+        self.last: dict[tuple[bytes, str], str] = {}  # last update per client and key
+        self.n = 0
+
+    def absorb(self, out: list[Any]) -> None:
+        for ident, msg, payload in out:
+            fw = self.workers.get(ident)
+            if isinstance(msg, P.TaskUpdates):
+                for key, status, _, _ in msg.updates:
+                    self.last[(ident, key)] = status
+            elif fw is None:
+                continue
+            elif isinstance(msg, P.RunTasks):
+                for key, _, _, deps, _ in msg.tasks:
+                    fw.assigned[key] = dict(deps)
+                    fw.cancel.discard(key)
+            elif isinstance(msg, P.CancelTasks):
+                fw.cancel.update(k for k in msg.keys if k in fw.assigned)
+            elif isinstance(msg, P.FreeKeys):
+                fw.data.difference_update(msg.keys)
+            elif isinstance(msg, P.SendData):
+                fw.asks.append(msg)
+
+    def step(self, action: str) -> None:
+        rng, sim = self.rng, self.sim
+        live = list(self.workers.values())
+        if action == "worker":
+            ident = f"w{rng.randrange(5)}".encode()
+            fw = self.workers.get(ident)
+            if fw is None:
+                fw = self.workers[ident] = FakeWorker(ident)
+            else:  # reconnects: what it ran is gone, what it holds may be kept
+                fw.assigned.clear()
+                fw.cancel.clear()
+                fw.asks.clear()
+            sim.worker(ident, nthreads=rng.randint(1, 2), keys=sorted(fw.data))
+        elif action == "client" and len(self.clients) < 3:
+            ident = f"c{len(self.clients)}".encode()
+            self.clients.append(ident)
+            sim.client(ident)
+        elif action == "submit" and self.clients:
+            known = list(sim.st.tasks)
+            batch: list[T] = []
+            for _ in range(rng.randint(1, 5)):
+                self.n += 1
+                pool = known + [t.key for t in batch]
+                deps = rng.sample(pool, min(len(pool), rng.randint(0, 3)))
+                batch.append(T(f"k{self.n}", *deps, retries=rng.choice([0, 0, 1])))
+            if known and rng.random() < 0.3:
+                batch.append(T(rng.choice(known)))  # dedup
+            wants = [t.key for t in batch if rng.random() < 0.7] or [batch[-1].key]
+            sim.submit(rng.choice(self.clients), *batch, wants=wants)
+        elif action == "result" and live:
+            fw = rng.choice(live)
+            if not fw.assigned:
+                return
+            key = rng.choice(sorted(fw.assigned))
+            deps = fw.assigned.pop(key)
+            if key in fw.cancel and rng.random() < 0.7:
+                fw.cancel.discard(key)
+                sim.send(fw.ident, P.TaskResults([[key, "cancelled", 0, "", None, "", -1.0]]))
+                return
+            fw.cancel.discard(key)
+            roll = rng.random()
+            remote = [(d, w) for d, w in deps.items() if isinstance(w, str) and w]
+            if roll < 0.1:
+                sim.fail(fw.ident, key)
+            elif roll < 0.17 and remote:
+                d, where = rng.choice(remote)
+                entry = [key, "missing", 0, where, None, d, -1.0]
+                sim.send(fw.ident, P.TaskResults([entry]))
+            elif roll < 0.55:
+                fw.data.add(key)
+                sim.finish(fw.ident, key, large=True, duration=rng.choice([-1.0, 0.01]))
+            else:
+                sim.finish(fw.ident, key, key.encode())
+        elif action == "reply" and live:
+            fw = rng.choice(live)
+            if fw.asks:
+                ask = fw.asks.pop(0)
+                have = [k for k in ask.keys if k in fw.data]
+                values = [[k, [i, 1]] for i, k in enumerate(have)]
+                missing = [k for k in ask.keys if k not in fw.data]
+                payload = [k.encode() for k in have]
+                sim.send(fw.ident, P.DataReply(ask.request_id, values, missing), payload)
+        elif action == "die" and len(live) > 1:
+            dead = rng.choice(live)
+            del self.workers[dead.ident]
+            sim.now += 11.0
+            for ident in [*self.workers, *self.clients]:
+                sim.send(ident, P.Heartbeat({}))
+            sim.tick(sim.now)
+        elif action in ("release", "cancel", "forget", "gather") and self.clients:
+            c = rng.choice(self.clients)
+            mine = sorted(self.sim.st.clients[c].wants) if c in sim.st.clients else []
+            if not mine:
+                return
+            keys = rng.sample(mine, rng.randint(1, min(3, len(mine))))
+            if action == "release":
+                sim.send(c, P.ReleaseKeys(keys))
+            elif action == "cancel":
+                sim.send(c, P.Cancel(keys, rng.random() < 0.5))
+            elif action == "forget":
+                sim.send(c, P.FireAndForget(keys))
+            else:
+                sim.send(c, P.Gather(rng.randrange(100), keys))
+        elif action == "close" and self.clients:
+            c = rng.choice(self.clients)
+            if rng.random() < 0.5:
+                sim.send(c, P.ClientClose())
+            else:
+                sim.client(c)  # registers again
+        self.absorb(sim.flush())
+
+    def settle(self) -> None:
+        """Every live worker finishes everything it is given, until all is quiet."""
+        sim = self.sim
+        if not self.workers:
+            self.step("worker")
+        for _ in range(10_000):
+            busy = [fw for fw in self.workers.values() if fw.assigned or fw.asks]
+            if not busy:
+                break
+            for fw in busy:
+                for key in sorted(fw.assigned):
+                    fw.assigned.pop(key)
+                    fw.cancel.discard(key)
+                    fw.data.add(key)
+                    sim.finish(fw.ident, key, large=True)
+                while fw.asks:
+                    ask = fw.asks.pop(0)
+                    values = [[k, [i, 1]] for i, k in enumerate(ask.keys)]
+                    payload = [k.encode() for k in ask.keys]
+                    sim.send(fw.ident, P.DataReply(ask.request_id, values, []), payload)
+            self.absorb(sim.flush())
+        else:
+            raise AssertionError("the broker never settled")
+
+
+ACTIONS = (
+    ["submit"] * 6
+    + ["result"] * 10
+    + ["worker", "client", "reply", "release", "cancel", "forget", "gather", "close"]
+    + ["die"]
+)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_operations_keep_the_bookkeeping_right(seed: int) -> None:
+    fz = Fuzz(seed)
+    fz.step("client")
+    fz.step("worker")
+    for _ in range(250):
+        fz.step(fz.rng.choice(ACTIONS))
+    fz.settle()
+    st = fz.sim.st
+    assert not [k for k, t in st.tasks.items() if t.state in ACTIVE]
+    for ident, c in st.clients.items():
+        for key in c.wants:
+            t = st.tasks[key]
+            assert t.state in FINAL_STATES, key
+            expected = "finished" if t.state is S.MEMORY else "error"
+            assert fz.last.get((ident, key)) == expected, (ident, key)

@@ -54,6 +54,8 @@ class TaskState(enum.Enum):
 
 
 FINAL_STATES = frozenset({TaskState.MEMORY, TaskState.ERRED})
+#: States in which a task still needs its dependencies' results.
+_ACTIVE = frozenset({TaskState.WAITING, TaskState.READY, TaskState.PROCESSING})
 
 _TRANSITIONS: frozenset[tuple[TaskState, TaskState]] = frozenset(
     {
@@ -104,6 +106,7 @@ class Task:
         "fn",
         "inline",
         "key",
+        "n_active",
         "nbytes",
         "priority",
         "processing_on",
@@ -141,6 +144,8 @@ class Task:
         self.restrict = restrict
         self.state = TaskState.RELEASED
         self.waiting_on = 0
+        # Dependents in an _ACTIVE state (kept by _transition): is my result needed?
+        self.n_active = 0
         self.who_has: set[bytes] = set()
         self.inline: list[Any] | None = None
         self.nbytes = 0
@@ -389,6 +394,14 @@ class BrokerState:
         if (old, new) not in _TRANSITIONS:
             raise IllegalTransition(f"{t.key}: {old.value} -> {new.value} ({why})")
         t.state = new
+        active = new in _ACTIVE
+        if active is not (old in _ACTIVE):
+            # A count, not a scan of the dependents on every release check: that
+            # scan made a result shared by n tasks cost O(n^2).
+            delta = 1 if active else -1
+            tasks = self.tasks
+            for d in t.deps:
+                tasks[d].n_active += delta
         if t.story is None:
             t.story = deque(maxlen=STORY_LENGTH)
         t.story.append((new.value, why))
@@ -864,17 +877,7 @@ class BrokerState:
     # releasing and forgetting
 
     def _needed(self, t: Task) -> bool:
-        if t.wanted_by:
-            return True
-        tasks = self.tasks
-        for d in self.graph.dependents(t.key):
-            if tasks[d].state in (
-                TaskState.WAITING,
-                TaskState.READY,
-                TaskState.PROCESSING,
-            ):
-                return True
-        return False
+        return bool(t.wanted_by) or t.n_active > 0
 
     def _maybe_release(self, t: Task) -> None:
         """Free ``t``'s result / stop it if nothing needs it; forget it if possible.

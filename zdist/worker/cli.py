@@ -83,6 +83,19 @@ def parse_resources(text: str | None) -> dict[str, float]:
     return out
 
 
+def parse_fraction(text: str) -> float | None:
+    """``"0.6"`` -> 0.6; ``"false"``/``"none"``/``"0"`` -> None (threshold disabled)."""
+    if str(text).lower() in ("false", "none", "0", ""):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a fraction like 0.6 or false") from None
+    if not 0 < value <= 1:
+        raise click.BadParameter(f"{text!r} must be between 0 and 1")
+    return value
+
+
 def parse_seconds(text: str | None) -> float | None:
     """``"960s"``, ``"20m"``, ``"1h"``, ``"90"`` -> seconds."""
     if text in (None, "", "None"):
@@ -186,6 +199,14 @@ def resolve_connection(
     default=None,
     help="Hand work back and exit after this long (e.g. 960s): before walltime.",
 )
+@click.option("--memory-target-fraction", default="0.6", show_default=True,
+              help="Spill results to disk above this fraction of the limit (false: never).")
+@click.option("--memory-spill-fraction", default="0.7", show_default=True,
+              help="Spill when process memory is above this fraction (false: never).")
+@click.option("--memory-pause-fraction", default="0.8", show_default=True,
+              help="Stop taking tasks above this fraction (false: never).")
+@click.option("--memory-terminate-fraction", default="0.95", show_default=True,
+              help="Restart the worker above this fraction (false: never).")
 @click.option(
     "--nanny/--no-nanny",
     default=True,
@@ -219,6 +240,10 @@ def main(
     interface: str | None,
     death_timeout: str | None,
     lifetime: str | None,
+    memory_target_fraction: str,
+    memory_spill_fraction: str,
+    memory_pause_fraction: str,
+    memory_terminate_fraction: str,
     nanny: bool,
     log_level: str,
     lifeline: bool,
@@ -253,6 +278,10 @@ def main(
             interface=interface,
             death_timeout=death,
             lifetime=parse_seconds(lifetime),
+            memory_target_fraction=parse_fraction(memory_target_fraction),
+            memory_spill_fraction=parse_fraction(memory_spill_fraction),
+            memory_pause_fraction=parse_fraction(memory_pause_fraction),
+            memory_terminate_fraction=parse_fraction(memory_terminate_fraction),
         )
         for i in range(nworkers)
     ]

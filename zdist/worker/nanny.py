@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from zdist.worker.memory import process_memory
 from zdist.worker.worker import WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class Nanny:
                 code = proc.poll()
                 if code is None:
                     alive = True
+                    self._check_memory(i, proc)
                     continue
                 self.procs[i] = None
                 if code == 0 or self._stopping.is_set():
@@ -97,6 +99,19 @@ class Nanny:
             if not alive:
                 return 0
             self._stopping.wait(0.1)
+
+    def _check_memory(self, i: int, proc: subprocess.Popen[bytes]) -> None:
+        cfg = self.configs[i]
+        frac = cfg.memory_terminate_fraction
+        if not cfg.memory_limit or not frac:
+            return
+        rss = process_memory(proc.pid)
+        if rss > frac * cfg.memory_limit:
+            logger.warning(
+                "worker %s uses %d MB, above %d%% of its %d MB limit; restarting it",
+                cfg.name, rss >> 20, int(frac * 100), cfg.memory_limit >> 20,
+            )
+            proc.kill()
 
     def _start(self, i: int) -> None:
         self.procs[i] = spawn_worker(self.configs[i], self.log_level)

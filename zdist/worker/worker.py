@@ -30,6 +30,7 @@ from zdist.net import interface_ip, local_ip_towards, split_address
 from zdist.security import Security
 from zdist.worker import context
 from zdist.worker.execute import FunctionCache, Outcome, run_task
+from zdist.worker.memory import SpillBuffer, process_memory
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ class WorkerConfig:
     death_timeout: float | None = None
     #: Stop taking tasks after this many seconds and hand queued work back.
     lifetime: float | None = None
+    #: Fractions of memory_limit (see zdist.worker.memory); None disables one.
+    memory_target_fraction: float | None = 0.6
+    memory_spill_fraction: float | None = 0.7
+    memory_pause_fraction: float | None = 0.8
+    memory_terminate_fraction: float | None = 0.95
 
 
 class _Task:
@@ -79,7 +85,13 @@ class Worker:
         )
         os.makedirs(self.local_directory, exist_ok=True)
         self.broker_address = config.address
-        self.data: dict[str, Any] = {}
+        limit = self.memory_limit
+        target = config.memory_target_fraction
+        self.data = SpillBuffer(
+            self.local_directory, int(limit * target) if limit and target else None
+        )
+        self._next_memory_check = 0.0
+        self.paused = False
         self.tasks: dict[str, _Task] = {}
         self.versions = versions()
         self._own_ctx = ctx is None
@@ -170,6 +182,7 @@ class Worker:
                 self.flush_results()
                 self.check_broker()
                 self.check_lifetime()
+                self.check_memory()
                 if self._fetching:
                     self.expire_fetches()
         finally:
@@ -247,9 +260,39 @@ class Worker:
         elif now - self._last_sent > self.heartbeat_interval:
             self._send(P.Heartbeat(self.metrics()))
 
+    def check_memory(self) -> None:
+        """Spill above the spill fraction, pause above the pause fraction (the
+        supervisor restarts us above the terminate fraction)."""
+        now = time.monotonic()
+        if not self.memory_limit or now < self._next_memory_check:
+            return
+        self._next_memory_check = now + 0.1
+        cfg = self.config
+        rss = process_memory()
+        limit = self.memory_limit
+        if cfg.memory_spill_fraction and rss > cfg.memory_spill_fraction * limit:
+            moved = self.data.evict(self.data.fast_bytes // 2)
+            if moved:
+                logger.info("worker %s: memory %d MB above spill threshold; spilled %d",
+                            self.name, rss >> 20, moved)
+        pause = cfg.memory_pause_fraction
+        if pause and not self.paused and rss > pause * limit:
+            self.paused = True
+            logger.warning("worker %s paused: memory %d MB is above %d%% of the limit",
+                           self.name, rss >> 20, int(pause * 100))
+            if self.status == "running":
+                self._send(P.WorkerStatus("paused", []))
+        elif self.paused and (not pause or rss < pause * limit):
+            self.paused = False
+            logger.info("worker %s resumed: memory %d MB", self.name, rss >> 20)
+            if self.status == "running":
+                self._send(P.WorkerStatus("running", []))
+
     def metrics(self) -> dict[str, Any]:
         return {
-            "memory": _rss(),
+            "spilled": len(self.data.slow),
+            "managed": self.data.fast_bytes,
+            "memory": process_memory(),
             "executing": len(self._executing),
             "in_memory": len(self.data),
             "ready": self._ready.qsize(),
@@ -286,7 +329,7 @@ class Worker:
             self._on_run_tasks(msg, payload)
         elif isinstance(msg, P.FreeKeys):
             for key in msg.keys:
-                self.data.pop(key, None)
+                self.data.discard(key)
         elif isinstance(msg, P.CancelTasks):
             self._withdraw(msg.keys)
         elif isinstance(msg, P.SendData):
@@ -390,6 +433,9 @@ class Worker:
             context.set_current(self)
             self._done.append(("task", out))
             self._wake()
+            # Drop this thread's references: an idle thread must not keep the last
+            # result (or its inputs) alive after the worker frees it.
+            del out, t
             if getattr(threading.current_thread(), "_zdist_seceded", False):
                 return  # a replacement thread took this one's slot
 
@@ -431,7 +477,7 @@ class Worker:
         t = self.tasks.pop(out.key, None)
         frames = self._result_frames
         if out.ok:
-            self.data[out.key] = out.value
+            self.data.put(out.key, out.value, out.nbytes)
             ref = None if out.value_frames is None else frames.add(out.value_frames)
             self._results.append(
                 [out.key, "memory", out.nbytes, out.typename, ref, "", out.duration]
@@ -518,13 +564,14 @@ class Worker:
         replicas = []
         for key, ref in msg.values:
             frames = P.ref_frames(payload, ref)
-            self.data[key] = serialize.loads(frames)
+            value = serialize.loads(frames)
+            self.data.put(key, value, serialize.nbytes(frames))
             replicas.append(
                 [
                     key,
                     "memory",
                     serialize.nbytes(frames),
-                    type(self.data[key]).__name__,
+                    type(value).__name__,
                     None,
                     "",
                     -1.0,
@@ -652,6 +699,7 @@ class Worker:
             self._auth.stop()
         if self._own_ctx:
             self.ctx.term()
+        self.data.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -671,11 +719,3 @@ class Worker:
         return (
             f"<zdist.Worker {self.name!r} at {self.address}, {self.nthreads} threads>"
         )
-
-
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
