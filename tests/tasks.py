@@ -83,3 +83,10 @@ def raise_custom(x: Any = None) -> None:
 
 def getenv(name: str) -> str | None:
     return os.environ.get(name)
+
+
+def counted_bytes(path: str, n: int) -> bytes:
+    """``n`` bytes; appends a line to ``path`` each time it runs (counts executions)."""
+    with open(path, "a") as f:
+        f.write("ran\n")
+    return b"y" * n

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from zdist import protocol as P
+from zdist.broker.graph import TaskGraph, find_cycle, topological_order
 from zdist.broker.state import (
     _TRANSITIONS,
     FINAL_STATES,
@@ -1207,10 +1208,11 @@ def test_gather_large_result_is_asked_of_its_holder_and_forwarded() -> None:
         (C1, "DataReply"),
         (W2, "SendData"),
     ]
-    first = out[0][1]
+    first, ask = out[0][1], out[1][1]
+    assert isinstance(first, P.DataReply)
+    assert isinstance(ask, P.SendData)
     assert (first.request_id, first.missing) == (7, [])
     assert [k for k, _ in first.values] == ["small"]
-    ask = out[1][1]
     assert ask.keys == ["big"]
     # a reply from the wrong peer, or to an unknown request, is ignored
     s.send(W1, P.DataReply(ask.request_id, [["big", [0, 1]]], []), [b"fake"])
@@ -1605,6 +1607,42 @@ def test_story_is_bounded() -> None:
 
 
 # --------------------------------------------------------------------------------------
+# the graph module
+
+
+def test_task_graph_tracks_edges_both_ways() -> None:
+    g = TaskGraph()
+    g.add("a", [])
+    g.add("b", ["a"])
+    g.add("c", ["a", "b", "a"])
+    assert ("a" in g, "zz" in g, len(g), g.n_edges()) == (True, False, 3, 3)
+    assert sorted(g.dependents("a")) == ["b", "c"]
+    assert sorted(g.dependencies("c")) == ["a", "b"]
+    assert (g.n_dependents("a"), g.n_dependents("c")) == (2, 0)
+    g.remove("c")
+    assert (len(g), g.n_edges(), sorted(g.dependents("a"))) == (2, 1, ["b"])
+
+
+def test_find_cycle() -> None:
+    assert find_cycle([("a", "b"), ("b", "c"), ("a", "c")]) is None
+    assert find_cycle([]) is None
+    cycle = find_cycle([("x", "a"), ("a", "b"), ("b", "c"), ("c", "a")])
+    assert cycle is not None
+    assert sorted(cycle) == ["a", "b", "c"]
+    i = cycle.index("a")
+    assert cycle[i:] + cycle[:i] == ["a", "b", "c"]  # in dependency order
+    assert find_cycle([("s", "s")]) == ["s"]
+
+
+def test_topological_order() -> None:
+    order = list(topological_order({"c": ["a", "b"], "b": ["a"], "a": [], "d": []}))
+    assert sorted(order) == ["a", "b", "c", "d"]
+    assert order.index("a") < order.index("b") < order.index("c")
+    with pytest.raises(Exception, match="cycle"):
+        list(topological_order({"a": ["b"], "b": ["a"]}))
+
+
+# --------------------------------------------------------------------------------------
 # random operations: the bookkeeping holds whatever the order of events
 
 
@@ -1629,7 +1667,7 @@ class Fuzz:
         self.n = 0
 
     def absorb(self, out: list[Any]) -> None:
-        for ident, msg, payload in out:
+        for ident, msg, _ in out:
             fw = self.workers.get(ident)
             if isinstance(msg, P.TaskUpdates):
                 for key, status, _, _ in msg.updates:
@@ -1681,19 +1719,20 @@ class Fuzz:
             if not fw.assigned:
                 return
             key = rng.choice(sorted(fw.assigned))
-            deps = fw.assigned.pop(key)
+            where = fw.assigned.pop(key)
             if key in fw.cancel and rng.random() < 0.7:
                 fw.cancel.discard(key)
-                sim.send(fw.ident, P.TaskResults([[key, "cancelled", 0, "", None, "", -1.0]]))
+                entry = [key, "cancelled", 0, "", None, "", -1.0]
+                sim.send(fw.ident, P.TaskResults([entry]))
                 return
             fw.cancel.discard(key)
             roll = rng.random()
-            remote = [(d, w) for d, w in deps.items() if isinstance(w, str) and w]
+            remote = [(d, w) for d, w in where.items() if isinstance(w, str) and w]
             if roll < 0.1:
                 sim.fail(fw.ident, key)
             elif roll < 0.17 and remote:
-                d, where = rng.choice(remote)
-                entry = [key, "missing", 0, where, None, d, -1.0]
+                dep, peer = rng.choice(remote)
+                entry = [key, "missing", 0, peer, None, dep, -1.0]
                 sim.send(fw.ident, P.TaskResults([entry]))
             elif roll < 0.55:
                 fw.data.add(key)
@@ -1707,8 +1746,8 @@ class Fuzz:
                 have = [k for k in ask.keys if k in fw.data]
                 values = [[k, [i, 1]] for i, k in enumerate(have)]
                 missing = [k for k in ask.keys if k not in fw.data]
-                payload = [k.encode() for k in have]
-                sim.send(fw.ident, P.DataReply(ask.request_id, values, missing), payload)
+                reply = P.DataReply(ask.request_id, values, missing)
+                sim.send(fw.ident, reply, [k.encode() for k in have])
         elif action == "die" and len(live) > 1:
             dead = rng.choice(live)
             del self.workers[dead.ident]

@@ -244,3 +244,28 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_sigterm_hands_off_needed_results_instead_of_recomputing(broker, tmp_path) -> None:
+    _, _, sf = broker
+    runs = tmp_path / "runs.txt"
+    leaving = subprocess.Popen([PY, "-m", "zdist.worker", "--scheduler-file", sf,
+                                "--name", "leaving", "--nthreads", "1"])
+    staying = None
+    try:
+        with Client(scheduler_file=sf) as c:
+            c.wait_for_workers(1, timeout=30)
+            x = c.submit(tasks.counted_bytes, str(runs), 2_000_000, pure=False)
+            x.result()
+            staying = subprocess.Popen([PY, "-m", "zdist.worker", "--scheduler-file", sf,
+                                        "--name", "staying", "--nthreads", "1"])
+            c.wait_for_workers(2, timeout=30)
+            assert stop(leaving) == 0
+            names = [w["name"] for w in c.scheduler_info()["workers"].values()]
+            assert names == ["staying"]
+            assert c.submit(len, x).result() == 2_000_000
+            assert runs.read_text().count("ran") == 1  # moved, not recomputed
+    finally:
+        for p in (leaving, staying):
+            if p is not None and p.poll() is None:
+                stop(p)

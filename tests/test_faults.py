@@ -540,7 +540,7 @@ CLIENT_SCRIPT = textwrap.dedent(
     from zdist import Client, fire_and_forget
     sf, marker, prefix = sys.argv[1:4]
     c = Client(scheduler_file=sf, timeout=30)
-    mine = [c.submit(tasks.slow_inc, i, 0.2, key=f"{prefix}-{i}") for i in range(100)]
+    mine = [c.submit(tasks.slow_inc, i, 0.3, key=f"{prefix}-{i}") for i in range(100)]
     f = c.submit(test_faults.sleep_then_touch, marker, 1.0, pure=False)
     fire_and_forget(f)
     del f
@@ -572,7 +572,7 @@ def test_leaving_client_releases_only_its_tasks(
         other.wait_for_workers(2, timeout=60)
         if how == "close":
             leaver = Client(scheduler_file=sf, timeout=30, set_as_default=False)
-            mine = [leaver.submit(tasks.slow_inc, i, 0.2, key=f"leaver-{i}")
+            mine = [leaver.submit(tasks.slow_inc, i, 0.3, key=f"leaver-{i}")
                     for i in range(100)]
             f = leaver.submit(sleep_then_touch, str(marker), 1.0, pure=False)
             fire_and_forget(f)

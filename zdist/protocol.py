@@ -21,11 +21,20 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, TypeVar, dataclass_transform
+from typing import Any, ClassVar, TypeVar
 
 import msgpack
+
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:  # only informs type checkers: a no-op where typing lacks it
+
+    def dataclass_transform(**_: Any) -> Callable[[Any], Any]:
+        return lambda f: f
+
 
 VERSION = b"ZD1"
 
@@ -82,6 +91,8 @@ class Op(enum.IntEnum):
     CLIENT_CLOSE = 40
     ERROR = 41
     FIRE_AND_FORGET = 42
+    REPLICATE = 14
+    CLOSE_WORKER = 15
 
 
 _REGISTRY: dict[int, type[Message]] = {}
@@ -240,8 +251,10 @@ class FunctionResult(Message):
 
 @message(Op.WORKER_STATUS)
 class WorkerStatus(Message):
-    """Worker -> broker: ``"paused"``, ``"running"``, or ``"closing"`` (a planned exit:
-    ``returned`` lists the queued task keys it hands back; never counted as a failure).
+    """Worker -> broker: ``"paused"``, ``"running"``, ``"closing"`` (a planned exit
+    begins: ``returned`` lists the queued task keys it hands back; never counted as a
+    failure), ``"retiring"`` (its running tasks are done: move its still-needed results
+    elsewhere, then send :class:`CloseWorker`), or ``"closed"`` (gone).
     """
 
     status: str
@@ -347,6 +360,19 @@ class InfoReply(Message):
 @message(Op.CLIENT_CLOSE)
 class ClientClose(Message):
     pass
+
+
+@message(Op.REPLICATE)
+class Replicate(Message):
+    """Broker -> worker: fetch and keep these results from peers (``[key, address]``),
+    so a retiring worker's still-needed results survive its exit."""
+
+    keys: list
+
+
+@message(Op.CLOSE_WORKER)
+class CloseWorker(Message):
+    """Broker -> retiring worker: every result it alone held is safe; exit now."""
 
 
 @message(Op.FIRE_AND_FORGET)

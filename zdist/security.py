@@ -189,7 +189,9 @@ def write_private_json(path: str | os.PathLike[str], data: dict[str, Any]) -> No
         raise SecurityError(f"cannot write {p}: {exc.strerror or exc}") from None
 
 
-def wait_for_scheduler_file(path: str | os.PathLike[str], timeout: float | None) -> dict[str, Any]:
+def wait_for_scheduler_file(
+    path: str | os.PathLike[str], timeout: float | None
+) -> dict[str, Any]:
     """Read a scheduler file, waiting for it to appear: in a batch job, clients and
     workers often start before the broker has written it (dask does the same)."""
     import time
@@ -198,7 +200,9 @@ def wait_for_scheduler_file(path: str | os.PathLike[str], timeout: float | None)
     announced = False
     while not os.path.exists(path):
         if deadline is not None and time.monotonic() > deadline:
-            raise SecurityError(f"scheduler file {path} did not appear within {timeout} s")
+            raise SecurityError(
+                f"scheduler file {path} did not appear within {timeout} s"
+            )
         if not announced:
             logger.info("waiting for scheduler file %s", path)
             announced = True

@@ -165,6 +165,7 @@ class Worker:
         "avail",
         "avg_duration",
         "data",
+        "handoff",
         "host",
         "ident",
         "last_seen",
@@ -203,6 +204,8 @@ class Worker:
         self.zombies: set[str] = set()
         # Queued here, asked back (CancelTasks) for an idle worker; see _steal().
         self.stealing: set[str] = set()
+        # Results a retiring worker waits to see copied elsewhere before it exits.
+        self.handoff: set[str] = set()
         self.data: set[str] = set()
         self.local_queue: list[tuple[Any, ...]] = []
         self.last_seen = now
@@ -271,7 +274,7 @@ class _Pending:
 
 
 #: Statuses a worker may report in WorkerStatus.
-_WORKER_STATUSES = frozenset({"running", "paused", "closing", "closed"})
+_WORKER_STATUSES = frozenset({"running", "paused", "closing", "retiring", "closed"})
 
 
 class BrokerState:
@@ -533,6 +536,8 @@ class BrokerState:
             self.remove_worker(ident, planned=True)
             return
         w.status = msg.status
+        if msg.status == "retiring":
+            self._hand_off(w)
         for key in msg.returned:
             t = self.tasks.get(key) if isinstance(key, str) else None
             if t is not None and t.processing_on == ident:
@@ -542,6 +547,34 @@ class BrokerState:
                 t.processing_on = None
                 self._requeue(t, "handed back")
         self._dirty = True
+
+    def _hand_off(self, w: Worker) -> None:
+        """Copy the retiring worker's still-needed results (held nowhere else) to the
+        other workers; CloseWorker lets it go once none is left."""
+        others = sorted(
+            (o for o in self.workers.values() if o is not w and o.status == "running"),
+            key=lambda o: len(o.data),
+        )
+        batches: dict[bytes, list[list[str]]] = {}
+        for i, key in enumerate(sorted(w.data)):
+            t = self.tasks.get(key)
+            if (others and t is not None and t.who_has == {w.ident}
+                    and t.inline is None and self._needed(t)):
+                target = others[i % len(others)]
+                batches.setdefault(target.ident, []).append([key, w.address])
+                w.handoff.add(key)
+        for ident, keys in batches.items():
+            self._send(ident, P.Replicate(keys))
+        if not w.handoff:
+            self._send(w.ident, P.CloseWorker())
+
+    def _handed_off(self, t: Task) -> None:
+        for ident in list(t.who_has):
+            w = self.workers.get(ident)
+            if w is not None and t.key in w.handoff:
+                w.handoff.discard(t.key)
+                if not w.handoff:
+                    self._send(w.ident, P.CloseWorker())
 
     def _on_task_seceded(
         self, ident: bytes, msg: P.TaskSeceded, payload: list[Any]
@@ -580,6 +613,7 @@ class BrokerState:
                     if t is not None and t.state is TaskState.MEMORY:
                         t.who_has.add(ident)
                         w.data.add(key)
+                        self._handed_off(t)
                     else:
                         self._send(ident, P.FreeKeys([key]))
                 continue

@@ -34,6 +34,8 @@ from zdist.worker.memory import SpillBuffer, process_memory
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a retiring worker waits for its still-needed results to be copied away.
+HANDOFF_TIMEOUT = 20.0
 #: Seconds between reconnect attempts while the broker is away (doubles up to the max).
 RECONNECT_BACKOFF = (0.1, 5.0)
 
@@ -137,6 +139,8 @@ class Worker:
         self._claim = threading.Lock()
         self._stop = threading.Event()
         self._closing = False
+        self._may_exit = False
+        self._retire_deadline = 0.0
         self.status = "init"
         self.heartbeat_interval = P.HEARTBEAT_INTERVAL
         self.liveness = P.WORKER_LIVENESS
@@ -349,6 +353,13 @@ class Worker:
                     self.name,
                 )
                 self._connect()
+        elif isinstance(msg, P.Replicate):
+            for key, peer in msg.keys:
+                if key not in self.data and key not in self._fetch_wanted:
+                    self._fetch_wanted[key] = []
+                    self._fetch(peer, [key])
+        elif isinstance(msg, P.CloseWorker):
+            self._may_exit = True
         elif isinstance(msg, P.Heartbeat):
             pass
         else:
@@ -489,7 +500,7 @@ class Worker:
         del t
 
     def flush_results(self) -> None:
-        if self._results and self.status in ("running", "closing"):
+        if self._results and self.status in ("running", "closing", "retiring"):
             self._send(P.TaskResults(self._results), self._result_frames.frames)
             self._results = []
             self._result_frames = P.FrameList()
@@ -659,10 +670,16 @@ class Worker:
             self.flush_results()
             self._send(P.WorkerStatus("closing", queued))
             self.status = "closing"
-        if not self._executing:
+        if self.status == "closing" and not self._executing:
             self.flush_results()
-            if self.broker is not None and self.status in ("closing", "running"):
-                self._send(P.WorkerStatus("closed", []))
+            self._send(P.WorkerStatus("retiring", []))
+            self.status = "retiring"
+            self._retire_deadline = time.monotonic() + HANDOFF_TIMEOUT
+        if self.status == "retiring" and (
+            self._may_exit or time.monotonic() > self._retire_deadline
+        ):
+            self.flush_results()
+            self._send(P.WorkerStatus("closed", []))
             self.status = "closed"
             self._stop.set()
 
