@@ -105,6 +105,13 @@ def test_worker_death_timeout_exits(tmp_path) -> None:
     assert "no broker" in worker.stderr
 
 
+def test_broker_without_a_way_to_share_keys_is_refused() -> None:
+    out = subprocess.run([PY, "-m", "zdist.broker", "--port", "0"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert "--scheduler-file" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_help_texts() -> None:
     for mod, words in (("zdist.broker", ["--scheduler-file", "--interface", "--port"]),
                        ("zdist.worker", ["--nworkers", "--resources", "--death-timeout",
@@ -138,17 +145,19 @@ def test_port_in_use_is_a_clear_error() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        out = subprocess.run([PY, "-m", "zdist.broker", "--port", str(port)],
+        out = subprocess.run([PY, "-m", "zdist.broker", "--port", str(port),
+                              "--no-security"],
                              capture_output=True, text=True, timeout=30)
     assert out.returncode != 0
     assert "already in use" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_interface_option_binds_that_address(tmp_path) -> None:
-    out = subprocess.run([PY, "-m", "zdist.broker", "--interface", "nosuch0"],
+    out = subprocess.run([PY, "-m", "zdist.broker", "--interface", "nosuch0",
+                          "--no-security"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and "nosuch0" in out.stderr
-    proc, address = start_broker("--interface", "lo")
+    proc, address = start_broker("--interface", "lo", "--no-security")
     try:
         assert address.startswith("tcp://127.0.0.1:")
     finally:

@@ -577,7 +577,11 @@ echo "----------------  ---------------- ----------------  -------- - -----"
 rc=0
 for id in "$@"; do
     n=${id%%.*}
-    if [ -f "$PBS_STATE/job.$n" ]; then
+    if [ -f "$PBS_STATE/finished.$n" ]; then  # PBS Pro with job history (Gadi)
+        echo "qstat: $id Job has finished, use -x or -H to obtain historical job" \
+            "information" >&2
+        rc=35
+    elif [ -f "$PBS_STATE/job.$n" ]; then
         printf '%-17s %-16s %-17s %-8s %s %s\n' "$id" zworker jdoe 0 \
             "$(cat "$PBS_STATE/job.$n")" normal
     else
@@ -653,8 +657,13 @@ def test_pbs_pro_job_ids_states_and_failures_with_a_stand_in_pbs(
         cluster.scale(jobs=1)  # the queued 1003 goes, not the running 1002
         assert cluster.job_ids == ["1002.gadi-pbs"]
         assert "qdel 1003.gadi-pbs\n" in calls.read_text()
-    assert "qdel 1002.gadi-pbs\n" in calls.read_text()
+        # Every listed job ended: qstat answers only "Job has finished" (exit 35).
+        (state / "job.1002").rename(state / "finished.1002")
+        wait_for(lambda: len(cluster.failed_jobs) == 2, 10, 0.05, "job 1002 ended")
+        assert cluster.failed_jobs[1].id == "1002.gadi-pbs"
+        wait_for(lambda: "1004.gadi-pbs" in cluster.jobs, 10, 0.05, "a replacement")
+    assert "qdel 1004.gadi-pbs\n" in calls.read_text()
     text = calls.read_text()
-    assert text.count("qsub ") == 3
+    assert text.count("qsub ") == 4
     for key in keys:
         assert key not in text

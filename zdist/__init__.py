@@ -38,7 +38,31 @@ _EXPORTS = {
     "secede": "zdist.worker.context",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "Client",
+    "CommClosedError",
+    "Future",
+    "FutureCancelledError",
+    "GraphError",
+    "KilledWorker",
+    "LocalCluster",
+    "PBSCluster",
+    "RemoteError",
+    "SLURMCluster",
+    "Security",
+    "SecurityError",
+    "ZdistError",
+    "__version__",
+    "as_completed",
+    "default_client",
+    "fire_and_forget",
+    "get_client",
+    "get_worker",
+    "progress",
+    "rejoin",
+    "secede",
+    "wait",
+]
 
 
 def __getattr__(name: str) -> Any:

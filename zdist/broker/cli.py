@@ -124,6 +124,12 @@ def main(
 ) -> None:
     """Start a zdist broker: clients submit tasks to it and workers run them."""
     configure_logging(log_level)
+    if not (scheduler_file or security_file or no_security):
+        raise click.UsageError(
+            "zdist brokers are secured by default and need a way to share their keys: "
+            "give --scheduler-file PATH (clients and workers read it), --security-file "
+            "PATH, or --no-security on a trusted network"
+        )
     try:
         security, port = _load_security(
             security_file, scheduler_file, no_security, port
@@ -154,16 +160,20 @@ def main(
             server.address,
         )
     if scheduler_file:
-        write_private_json(
-            scheduler_file,
-            {
-                "type": "zdist-broker",
-                "address": server.address,
-                "security": security.to_dict() if security else None,
-                "pid": os.getpid(),
-                "versions": server.state.versions,
-            },
-        )
+        try:
+            write_private_json(
+                scheduler_file,
+                {
+                    "type": "zdist-broker",
+                    "address": server.address,
+                    "security": security.to_dict() if security else None,
+                    "pid": os.getpid(),
+                    "versions": server.state.versions,
+                },
+            )
+        except ZdistError as exc:
+            server.close()
+            raise click.ClickException(str(exc)) from None
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stop())
     if lifeline:

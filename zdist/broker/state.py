@@ -558,8 +558,13 @@ class BrokerState:
         batches: dict[bytes, list[list[str]]] = {}
         for i, key in enumerate(sorted(w.data)):
             t = self.tasks.get(key)
-            if (others and t is not None and t.who_has == {w.ident}
-                    and t.inline is None and self._needed(t)):
+            if (
+                others
+                and t is not None
+                and t.who_has == {w.ident}
+                and t.inline is None
+                and self._needed(t)
+            ):
                 target = others[i % len(others)]
                 batches.setdefault(target.ident, []).append([key, w.address])
                 w.handoff.add(key)

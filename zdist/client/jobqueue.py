@@ -650,9 +650,9 @@ class JobQueueCluster:
             self._cancel(self._cancel_order(active)[:-missing])
 
     def _cancel_order(self, jobs: list[Job]) -> list[Job]:
-        """Queued jobs first, then started ones without workers, then the busy-least;
-        newest first within each group (they have the most walltime left to lose,
-        but also the least work in hand)."""
+        """Queued jobs first, then started ones whose workers have not connected,
+        then connected ones with the fewest tasks in hand; newest first among equals
+        (the oldest queued job is the closest to starting)."""
 
         def busy(job: Job) -> int:
             return sum(
@@ -920,10 +920,16 @@ class PBSCluster(JobQueueCluster):
             if m:
                 states[m.group(1)] = words[-2]
         # qstat exits non-zero when some ids are unknown (ended); that is an answer.
-        # With nothing listed, only "unknown job" text proves that they are gone.
+        # With nothing listed, only "unknown job" proves that they are gone: exit 153
+        # (Torque-on-Slurm prints nothing with it) or the text; PBS Pro with job
+        # history (Gadi) says "Job has finished, use -x or -H ...".
         text = _output(result)
-        unknown = re.search(r"unknown job|invalid job|does not exist", text, re.I)
-        if result.returncode != 0 and not states and not unknown:
+        gone = result.returncode == 153 or bool(
+            re.search(
+                r"unknown job|invalid job|does not exist|has finished", text, re.I
+            )
+        )
+        if result.returncode != 0 and not states and not gone:
             raise JobError(f"qstat failed (exit {result.returncode}): {text}")
         return states
 

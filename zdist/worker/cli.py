@@ -90,7 +90,9 @@ def parse_fraction(text: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a fraction like 0.6 or false") from None
+        raise click.BadParameter(
+            f"{text!r} is not a fraction like 0.6 or false"
+        ) from None
     if not 0 < value <= 1:
         raise click.BadParameter(f"{text!r} must be between 0 and 1")
     return value
@@ -199,14 +201,30 @@ def resolve_connection(
     default=None,
     help="Hand work back and exit after this long (e.g. 960s): before walltime.",
 )
-@click.option("--memory-target-fraction", default="0.6", show_default=True,
-              help="Spill results to disk above this fraction of the limit (false: never).")
-@click.option("--memory-spill-fraction", default="0.7", show_default=True,
-              help="Spill when process memory is above this fraction (false: never).")
-@click.option("--memory-pause-fraction", default="0.8", show_default=True,
-              help="Stop taking tasks above this fraction (false: never).")
-@click.option("--memory-terminate-fraction", default="0.95", show_default=True,
-              help="Restart the worker above this fraction (false: never).")
+@click.option(
+    "--memory-target-fraction",
+    default="0.6",
+    show_default=True,
+    help="Spill results to disk above this fraction of the limit (false: never).",
+)
+@click.option(
+    "--memory-spill-fraction",
+    default="0.7",
+    show_default=True,
+    help="Spill when process memory is above this fraction (false: never).",
+)
+@click.option(
+    "--memory-pause-fraction",
+    default="0.8",
+    show_default=True,
+    help="Stop taking tasks above this fraction (false: never).",
+)
+@click.option(
+    "--memory-terminate-fraction",
+    default="0.95",
+    show_default=True,
+    help="Restart the worker above this fraction (false: never).",
+)
 @click.option(
     "--nanny/--no-nanny",
     default=True,

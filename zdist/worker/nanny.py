@@ -109,7 +109,10 @@ class Nanny:
         if rss > frac * cfg.memory_limit:
             logger.warning(
                 "worker %s uses %d MB, above %d%% of its %d MB limit; restarting it",
-                cfg.name, rss >> 20, int(frac * 100), cfg.memory_limit >> 20,
+                cfg.name,
+                rss >> 20,
+                int(frac * 100),
+                cfg.memory_limit >> 20,
             )
             proc.kill()
 

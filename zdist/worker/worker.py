@@ -277,13 +277,21 @@ class Worker:
         if cfg.memory_spill_fraction and rss > cfg.memory_spill_fraction * limit:
             moved = self.data.evict(self.data.fast_bytes // 2)
             if moved:
-                logger.info("worker %s: memory %d MB above spill threshold; spilled %d",
-                            self.name, rss >> 20, moved)
+                logger.info(
+                    "worker %s: memory %d MB above spill threshold; spilled %d",
+                    self.name,
+                    rss >> 20,
+                    moved,
+                )
         pause = cfg.memory_pause_fraction
         if pause and not self.paused and rss > pause * limit:
             self.paused = True
-            logger.warning("worker %s paused: memory %d MB is above %d%% of the limit",
-                           self.name, rss >> 20, int(pause * 100))
+            logger.warning(
+                "worker %s paused: memory %d MB is above %d%% of the limit",
+                self.name,
+                rss >> 20,
+                int(pause * 100),
+            )
             if self.status == "running":
                 self._send(P.WorkerStatus("paused", []))
         elif self.paused and (not pause or rss < pause * limit):
@@ -327,6 +335,8 @@ class Worker:
                     type(exc).__name__,
                     exc,
                 )
+            if self.broker is not sock:  # _connect() replaced it: re-registered
+                return
 
     def _handle_broker(self, msg: P.Message, payload: list[Any]) -> None:
         if isinstance(msg, P.RunTasks):
