@@ -136,11 +136,13 @@ class Procs:
         self.logs: list[Any] = []
 
     def popen(self, args: list[str], name: str, **kwargs: Any) -> subprocess.Popen[Any]:
-        log = open(self.tmp_path / f"{name}-{len(self.procs)}.log", "ab")  # noqa: SIM115
+        path = self.tmp_path / f"{name}-{len(self.procs)}.log"
+        log = open(path, "ab")  # noqa: SIM115
         self.logs.append(log)
         kwargs.setdefault("stderr", log)
         kwargs.setdefault("stdout", log)
         proc = subprocess.Popen(args, **kwargs)
+        proc.log_path = path  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
 
@@ -235,6 +237,23 @@ def call_within(fn: Callable[[], Any], limit: float) -> tuple[str, Any]:
     th.start()
     th.join(limit)
     return out[0] if out else ("hung", None)
+
+
+def call_all_within(
+    fns: dict[str, Callable[[], Any]], limit: float
+) -> dict[str, tuple[str, Any]]:
+    """call_within for several functions at once (they wait side by side)."""
+    out: dict[str, tuple[str, Any]] = {}
+    threads = [
+        threading.Thread(target=lambda k=k, f=f: out.__setitem__(k, call_within(f, limit)),
+                         daemon=True)
+        for k, f in fns.items()
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(limit + 5)
+    return {k: out.get(k, ("hung", None)) for k in fns}
 
 
 # ======================================================================================
@@ -365,7 +384,7 @@ def test_broker_killed_and_restarted_with_same_scheduler_file(
 ) -> None:
     sf = str(tmp_path / "s.json")
     broker, address = procs.broker(sf)
-    procs.worker(sf, "rw", "--nworkers", "2")
+    workers = procs.worker(sf, "rw", "--nworkers", "2")
     keys = json.loads(Path(sf).read_text())["security"]
     old = Client(scheduler_file=sf, timeout=5)
     try:
@@ -376,6 +395,12 @@ def test_broker_killed_and_restarted_with_same_scheduler_file(
         pending = old.submit(tasks.inc, 10, workers=["nobody"], pure=False)
         broker.kill()
         broker.wait()
+        # Both workers noticed (see test_fast_broker_restart_keeps_worker_processes
+        # for a broker back before they do).
+        log = workers.log_path  # type: ignore[attr-defined]
+        wait_for(lambda: all(f"worker {n}: broker silent" in log.read_text()
+                             for n in pids),
+                 timeout=30, what="the workers to notice the broker is gone")
         # Same scheduler file, no --port: address and keys are reused.
         _, address2 = procs.broker(sf, port=None)
         assert address2 == address
@@ -400,8 +425,33 @@ def test_broker_killed_and_restarted_with_same_scheduler_file(
                 return None
 
         assert wait_for(resubmitted, timeout=60, what="a resubmission to succeed") == 42
+        assert {n: w["pid"] for n, w in workers_by_name(old).items()} == pids
+        assert "Traceback" not in log.read_text()
     finally:
         old.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_fast_broker_restart_keeps_worker_processes(procs: Procs, tmp_path: Path) -> None:
+    sf = str(tmp_path / "s.json")
+    # Liveness 200 x 0.05 s: the broker is back long before the worker notices it
+    # left, so the worker's next heartbeat reaches a broker that does not know it.
+    broker, _ = procs.broker(sf, "--liveness", "200")
+    workers = procs.worker(sf, "fr")
+    with Client(scheduler_file=sf, timeout=30) as c:
+        c.wait_for_workers(1, timeout=60)
+        pid = workers_by_name(c)["fr"]["pid"]
+    broker.kill()
+    broker.wait()
+    procs.broker(sf, "--liveness", "200", port=None)
+    with Client(scheduler_file=sf, timeout=30) as c:
+        wait_for(lambda: "fr" in workers_by_name(c), timeout=60,
+                 what="the worker to re-register")
+        assert c.submit(tasks.inc, 1).result(30) == 2
+        log = workers.log_path  # type: ignore[attr-defined]
+        assert "Traceback" not in log.read_text()
+        assert workers_by_name(c)["fr"]["pid"] == pid
 
 
 @pytest.mark.slow
@@ -457,10 +507,9 @@ def test_broker_gone_for_good_requests_fail_instead_of_hanging(
         wait([big], timeout=30)
         broker.kill()
         broker.wait()
-        results = {
-            "result": call_within(big.result, 40),
-            "run": call_within(lambda: c.run(os.getpid), 40),
-        }
+        results = call_all_within(
+            {"result": big.result, "run": lambda: c.run(os.getpid)}, 40
+        )
         assert {k: v[0] for k, v in results.items()} == {
             "result": "raised", "run": "raised"
         }, results
@@ -496,7 +545,8 @@ def _zombie(pid: int) -> bool:
 @pytest.mark.timeout(90)
 def test_sigterm_worker_mid_run_hands_work_back(procs: Procs, tmp_path: Path) -> None:
     sf = str(tmp_path / "s.json")
-    procs.broker(sf)
+    # Slow to declare deaths: any recomputation below must come from the planned exit.
+    procs.broker(sf, "--liveness", "100")
     leaving = procs.worker(sf, "leaving")
     procs.worker(sf, "staying")
     markers = tmp_path / "markers"
@@ -527,6 +577,10 @@ def test_sigterm_worker_mid_run_hands_work_back(procs: Procs, tmp_path: Path) ->
     started = {p.stem for p in markers.glob(f"{pid}-*.start")}
     ended = {p.stem for p in markers.glob(f"{pid}-*.end")}
     assert started and started == ended
+    # Results held only by the leaving worker were handed over, not recomputed: each
+    # leaf ran exactly once, here or there.
+    ran = sorted(int(p.stem.split("-")[1]) for p in markers.glob("*.start"))
+    assert ran == list(range(n))
 
 
 # ======================================================================================

@@ -296,6 +296,7 @@ class BrokerState:
         self._out: list[Out] = []
         self._run_batches: dict[bytes, tuple[list[Any], P.FrameList]] = {}
         self._updates: dict[bytes, tuple[list[Any], P.FrameList]] = {}
+        self._free: dict[bytes, list[str]] = {}
         self._dirty = False  # something may be dispatchable
         self.now = 0.0
         self.counters = {"tasks_done": 0, "tasks_erred": 0, "workers_lost": 0}
@@ -375,6 +376,10 @@ class BrokerState:
             self._dispatch()
         out = self._out
         self._out = []
+        for ident, keys in self._free.items():
+            if ident in self.workers:
+                out.append((ident, P.FreeKeys(keys), []))
+        self._free.clear()
         for ident, (tasks, frames) in self._run_batches.items():
             out.append((ident, P.RunTasks(tasks), frames.frames))
         self._run_batches.clear()
@@ -620,7 +625,7 @@ class BrokerState:
                         w.data.add(key)
                         self._handed_off(t)
                     else:
-                        self._send(ident, P.FreeKeys([key]))
+                        self._free_key(ident, key)
                 continue
             w.processing.pop(key, None)
             w.seceded.discard(key)
@@ -935,7 +940,7 @@ class BrokerState:
                     w = self.workers.get(ident)
                     if w is not None:
                         w.data.discard(t.key)
-                        self._send(ident, P.FreeKeys([t.key]))
+                        self._free_key(ident, t.key)
                 t.who_has.clear()
                 t.inline = None
                 self._transition(t, TaskState.RELEASED, "not needed")
@@ -1386,6 +1391,10 @@ class BrokerState:
         self, ident: bytes, msg: P.Message, payload: list[Any] | None = None
     ) -> None:
         self._out.append((ident, msg, payload or []))
+
+    def _free_key(self, ident: bytes, key: str) -> None:
+        """Tell a worker to drop a result; batched per worker until flush()."""
+        self._free.setdefault(ident, []).append(key)
 
     def _update(
         self, client: bytes, key: str, status: str, frames: list[Any] | None, text: str

@@ -63,6 +63,7 @@ class Client:
             )
         self._futures: dict[str, FutureState] = {}
         self._refcount: dict[str, int] = {}
+        self._releases: dict[str, None] = {}  # keys to release, in order
         self._lock = threading.RLock()
         self._fn_cache: dict[Any, bytes] = {}
         self.cluster: Any = None
@@ -94,7 +95,8 @@ class Client:
         self.id = f"Client-{uuid.uuid4()}"
         self.name = name or self.id
         self._conn = Connection(
-            address, self.security, self._on_message, self._on_lost, timeout
+            address, self.security, self._on_message, self._on_lost, timeout,
+            self._take_releases,
         )
         welcome = self._conn.start(P.RegisterClient(self.name, versions()))
         self.scheduler_address = welcome.address or address
@@ -124,7 +126,10 @@ class Client:
 
     def _inc_ref(self, key: str) -> None:
         with self._lock:
-            self._refcount[key] = self._refcount.get(key, 0) + 1
+            n = self._refcount.get(key, 0)
+            if not n:
+                self._releases.pop(key, None)  # wanted again before the release left
+            self._refcount[key] = n + 1
 
     def _dec_ref(self, key: str) -> None:
         with self._lock:
@@ -134,11 +139,20 @@ class Client:
                 return
             self._refcount.pop(key, None)
             self._futures.pop(key, None)
-        if self.status == "running":
-            try:
-                self._conn.send(P.ReleaseKeys([key]))
-            except CommClosedError:
-                pass
+            first = not self._releases
+            self._releases[key] = None
+        # Releases leave in one message per I/O loop turn: dropping the 20,000
+        # futures of a map is one message, not 20,000.
+        if first and self.status == "running":
+            self._conn.wake()
+
+    def _take_releases(self) -> list[str]:
+        with self._lock:
+            if not self._releases:
+                return []
+            keys = list(self._releases)
+            self._releases.clear()
+        return keys
 
     def _on_message(self, msg: P.Message, payload: list[Any]) -> None:
         """Called on the I/O thread for messages that are not request replies."""
@@ -168,7 +182,7 @@ class Client:
         with self._lock:
             states = list(self._futures.values())
         for st in states:
-            if not st.event.is_set():
+            if not st.done:
                 st.finish("lost", None, why)
 
     # ==================================================================================
@@ -487,7 +501,7 @@ class Client:
             raise ValueError("errors must be 'raise' or 'skip'")
         flat = _flatten_futures(futures)
         for f in flat:
-            f._state.event.wait()
+            f._state.wait()
         values: dict[str, Any] = {}
         fetch = []
         for f in flat:
@@ -660,7 +674,7 @@ class Client:
         with self._lock:
             states = list(self._futures.values())
         for st in states:
-            if not st.event.is_set():
+            if not st.done:
                 st.finish("lost", None, "the client was closed")
         with _default_lock:
             if _default_client is self:

@@ -45,12 +45,14 @@ class Connection:
         on_message: Callable[[P.Message, list[Any]], None],
         on_lost: Callable[[str], None],
         timeout: float,
+        take_releases: Callable[[], list[str]] = list,
     ) -> None:
         self.address = address
         self.security = security
         self.timeout = timeout
         self._on_message = on_message
         self._on_lost = on_lost
+        self._take_releases = take_releases
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
@@ -95,6 +97,11 @@ class Connection:
             raise CommClosedError("this client is closed")
         self._outbox.append((msg, payload))
         os.write(self._wake_w, b"x")
+
+    def wake(self) -> None:
+        """Have the I/O thread run a loop turn (and send pending releases)."""
+        if not self.closed:
+            os.write(self._wake_w, b"x")
 
     def request(
         self, make: Callable[[int], P.Message], payload: Any = (), expect: int = 1
@@ -151,6 +158,11 @@ class Connection:
                     msg, payload = outbox.popleft()
                     self.sock.send_multipart(P.encode(msg, payload), copy=False)
                     last_sent = time.monotonic()
+                released = self._take_releases()
+                if released:
+                    self.sock.send_multipart(
+                        P.encode(P.ReleaseKeys(released)), copy=False
+                    )
                 if self._stop.is_set():
                     return
                 if self.sock in events:

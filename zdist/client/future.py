@@ -32,11 +32,15 @@ _NO_VALUE = object()
 class FutureState:
     """Shared by every Future of one key; set by the client's I/O thread."""
 
-    __slots__ = ("_value", "callbacks", "event", "frames", "lock", "status", "text")
+    __slots__ = ("_event", "_value", "callbacks", "done", "frames", "lock", "status",
+                 "text")
 
     def __init__(self) -> None:
         self.status = "pending"
-        self.event = threading.Event()
+        self.done = False
+        # Made only when someone blocks: map() creates thousands of states, and most
+        # are read after they finish.
+        self._event: threading.Event | None = None
         self.frames: list[Any] | None = None  # inline result or exception frames
         self.text = ""
         self._value: Any = _NO_VALUE
@@ -45,13 +49,15 @@ class FutureState:
 
     def finish(self, status: str, frames: list[Any] | None, text: str) -> None:
         with self.lock:
-            if self.event.is_set() and status == self.status:
+            if self.done and status == self.status:
                 return
             self.status = status
             self.frames = frames
             self.text = text
             self._value = _NO_VALUE
-            self.event.set()
+            self.done = True
+            if self._event is not None:
+                self._event.set()
             callbacks, self.callbacks = self.callbacks, []
         for cb in callbacks:
             try:
@@ -64,7 +70,21 @@ class FutureState:
             self.status = "pending"
             self.frames = None
             self._value = _NO_VALUE
-            self.event.clear()
+            self.done = False
+            if self._event is not None:
+                self._event.clear()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until finished (or ``timeout`` seconds); True if finished."""
+        if self.done:
+            return True
+        with self.lock:
+            if self.done:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
     def has_value(self) -> bool:
         return self._value is not _NO_VALUE
@@ -132,7 +152,7 @@ class Future:
         return self._state.status
 
     def done(self) -> bool:
-        return self._state.event.is_set()
+        return self._state.done
 
     def cancelled(self) -> bool:
         return self._state.status == "cancelled"
@@ -140,7 +160,7 @@ class Future:
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the task and return its value, or raise its exception."""
         st = self._state
-        if not st.event.wait(timeout):
+        if not st.wait(timeout):
             raise TimeoutError(f"result of {self.key!r} not ready within {timeout} s")
         if st.status == "finished":
             if st.frames is None and not st.has_value():
@@ -150,7 +170,7 @@ class Future:
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         st = self._state
-        if not st.event.wait(timeout):
+        if not st.wait(timeout):
             raise TimeoutError(f"{self.key!r} not done within {timeout} s")
         return None if st.status == "finished" else st.exception()
 
@@ -169,7 +189,7 @@ class Future:
             fn(self)
 
         with st.lock:
-            if not st.event.is_set():
+            if not st.done:
                 st.callbacks.append(cb)
                 return
         cb()
