@@ -25,6 +25,8 @@ Workloads (sizes for the full run; --quick divides them by ~10):
   W7 fan-in      one task taking a list of 2,000 futures             tasks/s
   W8 scale       1,000,000-task chunked graph (dask: 100,000), once  s, bytes/task
   W9 many workers  (not implemented yet; see w9_many_workers)
+  W10 dask.array (x + x.T).mean() of a 10,000 x 10,000 random array in
+                 1,000 x 1,000 chunks, via client.compute            s
 Security rows run W1 and W2 on a zdist cluster with security=False; every other
 zdist row runs with security on (its default).
 
@@ -90,7 +92,7 @@ from bench_report import (  # noqa: E402
     markdown,
 )
 
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9", "W10")
 BACKENDS = ("zdist", "dask", "ppe")
 N_WORKERS = 2
 THREADS_PER_WORKER = 1
@@ -110,6 +112,8 @@ class Sizes:
     w7_fan_in: int = 2_000
     w8_tasks_zdist: int = 1_000_000
     w8_tasks_other: int = 100_000
+    w10_side: int = 10_000
+    w10_chunk: int = 1_000
     reps: int = 5
 
 
@@ -123,6 +127,8 @@ QUICK = Sizes(
     w7_fan_in=200,
     w8_tasks_zdist=100_000,
     w8_tasks_other=10_000,
+    w10_side=3_000,
+    w10_chunk=300,
     reps=2,
 )
 # Only for the smoke test (tests/test_bench_smoke.py): checks that every row runs.
@@ -135,6 +141,8 @@ TINY = Sizes(
     w7_fan_in=50,
     w8_tasks_zdist=2_000,
     w8_tasks_other=1_000,
+    w10_side=400,
+    w10_chunk=100,
     reps=1,
 )
 
@@ -488,6 +496,22 @@ def w8_scale(
     )
 
 
+def w10_dask_array(client: Any, side: int, chunk: int) -> Result:
+    """A dask.array reduction through the client (dask.distributed's
+    client.compute): chunks move between the workers for the transpose. Checked
+    against 2 * x.mean() computed here with dask's synchronous scheduler."""
+    import dask.array as da
+
+    x = da.random.default_rng(fresh_base()).random((side, side), chunks=chunk)
+    expected = 2 * float(x.mean().compute(scheduler="sync"))
+    t0 = time.perf_counter()
+    got = float(client.compute((x + x.T).mean()).result())
+    elapsed = time.perf_counter() - t0
+    # Summed in another order: equal to about 1e-15, not bit for bit.
+    check(round(got / expected, 9), 1.0, "W10 (x + x.T).mean() / (2 * x.mean())")
+    return {"W10": elapsed}
+
+
 def w9_many_workers(sizes: Sizes) -> Result:
     """W9: 1,000 simulated workers speaking the zdist worker protocol.
 
@@ -557,7 +581,7 @@ class Runner:
     ) -> None:
         name = backend.name
         in_cluster = [
-            w for w in ("W1", "W2", "W3", "W4", "W5", "W7", "W8") if w in only
+            w for w in ("W1", "W2", "W3", "W4", "W5", "W7", "W8", "W10") if w in only
         ]
         if name == "ppe":
             in_cluster = [w for w in in_cluster if w in ("W1", "W2", "W4")]
@@ -624,6 +648,7 @@ class Runner:
                 "W5": partial(w5_data, client, s.w5_array_bytes, s.w5_arrays),
                 "W7": partial(w7_fan_in, client, s.w7_fan_in),
                 "W8": partial(w8_scale, client, cluster, backend, backend.w8_tasks(s)),
+                "W10": partial(w10_dask_array, client, s.w10_side, s.w10_chunk),
             }
             for w in workloads:
                 if w == "W8":

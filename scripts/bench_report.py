@@ -45,6 +45,7 @@ ROWS: dict[str, RowSpec] = {
         RowSpec("W8", "W8 scale, total time", "s", False),
         RowSpec("W8-rate", "W8 scale, throughput", "tasks/s", True),
         RowSpec("W8-mem", "W8 scheduler memory per task", "bytes/task", False),
+        RowSpec("W10", "W10 dask.array (x + x.T).mean()", "s", False),
         RowSpec("SEC-W1", "Security cost on W1", "% slower with security", False),
         RowSpec("SEC-W2", "Security cost on W2", "% slower with security", False),
     ]

@@ -1520,6 +1520,7 @@ def test_info_describes_workers_tasks_and_clients() -> None:
         "n_clients": 1,
         "counters": {"tasks_done": 1, "tasks_erred": 0, "workers_lost": 0},
         "versions": {"python": "3.11"},
+        "dashboard": "",
     }
     assert info["workers"] == {
         addr(W1): {

@@ -353,6 +353,34 @@ def test_tasks_queued_behind_a_killer_are_not_blamed(
         assert c.gather(innocent) == [1, 2]
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.xfail(
+    strict=True,
+    reason="BrokerState._next_task_for gives up after skipping 64 ready tasks that "
+    "cannot run on the worker, so more than 64 tasks pinned to a worker that is gone "
+    "(ahead in priority) starve every other task",
+)
+def test_tasks_pinned_to_a_lost_worker_do_not_block_others(
+    procs: Procs, tmp_path: Path
+) -> None:
+    sf = str(tmp_path / "s.json")
+    procs.broker(sf)
+    gone = procs.worker(sf, "gone")
+    procs.worker(sf, "here")
+    with Client(scheduler_file=sf, timeout=30) as c:
+        c.wait_for_workers(2, timeout=60)
+        gone.send_signal(signal.SIGTERM)
+        assert gone.wait(60) == 0
+        wait_for(lambda: list(workers_by_name(c)) == ["here"], timeout=30,
+                 what="the broker to let the stopped worker go")
+        # Waiting for "gone" to come back: not runnable on "here".
+        pinned = c.map(tasks.inc, range(100), workers=["gone"])
+        others = c.map(tasks.double, range(10))
+        wait(others, timeout=30)
+        assert c.gather(others) == [2 * i for i in range(10)]
+        assert not any(f.done() for f in pinned)
+
+
 @pytest.mark.timeout(60)
 def test_retries(procs: Procs, tmp_path: Path) -> None:
     sf = str(tmp_path / "s.json")

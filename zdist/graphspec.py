@@ -1,14 +1,23 @@
-"""dask's plain graph format, converted by the client and evaluated on workers.
+"""dask graphs, converted by the client and evaluated on workers.
 
-A graph is ``{key: task}`` where a task is ``(callable, *args)``; an argument that is a
-key of the graph (or of a known future) refers to that result, lists are walked, and
-nested tasks are evaluated. The client turns each task into a call of :func:`run` on a
-tree of :class:`Call` nodes and :class:`~zdist.serialize.KeyRef` references, so that
-workers evaluate exactly what was a task and never mistake a tuple *result* for one.
+Two forms arrive at ``Client.get``:
+
+* dask's plain format, ``{key: task}`` where a task is ``(callable, *args)``; an
+  argument that is a key of the graph (or of a known future) refers to that result,
+  lists are walked, and nested tasks are evaluated. The client turns each task into a
+  call of :func:`run` on a tree of :class:`Call` nodes and
+  :class:`~zdist.serialize.KeyRef` references, so that workers evaluate exactly what
+  was a task and never mistake a tuple *result* for one. This path never imports dask.
+* graphs of dask collections (dask expressions, HighLevelGraphs, dask's task-spec
+  nodes). ``zdist.client.dask_support`` reads them with dask's own helpers and each
+  node becomes a call of :func:`run_node`.
+
+Either way one graph key is one zdist task, named by :func:`stringify`.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
@@ -51,8 +60,39 @@ def run(func: Callable[..., Any], args: list[Any]) -> Any:
     return func(*[evaluate(a) for a in args])
 
 
+def run_node(node: Any, values: dict[Hashable, Any]) -> Any:
+    """What a dask task-spec node runs on the worker: ``node(values)``, where
+    ``values`` maps each of its dependencies' keys to their results (dask's own way of
+    executing a node, as in ``dask._task_spec.execute_graph``)."""
+    return node(values)
+
+
 def identity(x: Any) -> Any:
     return x
+
+
+def from_dask(dsk: Any) -> bool:
+    """Whether ``dsk`` needs dask to be read: a dask expression or HighLevelGraph, or a
+    dict holding dask task-spec nodes. False whenever dask is not imported: a graph
+    that came from dask means dask is loaded, and a plain dict must not load it."""
+    if "dask" not in sys.modules:
+        return False
+    if type(dsk) is not dict:
+        return True
+    spec = sys.modules.get("dask._task_spec")
+    if spec is None:
+        return False
+    node_type = spec.GraphNode
+    return any(isinstance(v, node_type) for v in dsk.values())
+
+
+def is_held(key: Hashable, value: Any) -> bool:
+    """A graph entry ``{key: future}`` whose future *is* that key (a persisted
+    collection's graph): nothing to compute, the cluster already holds it."""
+    # Asked of the type: instances may answer any attribute (a DataFrame's columns).
+    if not hasattr(type(value), "__zdist_key__"):
+        return False
+    return value.__zdist_key__ == stringify(key)
 
 
 def stringify(key: Hashable) -> str:
@@ -96,6 +136,46 @@ def _convert(arg: Any, is_key: Callable[[Any], bool], deps: set[Hashable]) -> An
     except TypeError:  # unhashable
         pass
     return arg
+
+
+def convert_graph(
+    dsk: Mapping[Hashable, Any], wanted: list[Hashable]
+) -> tuple[dict[Hashable, tuple[Callable[..., Any], list[Any]]], dict[Hashable, set]]:
+    """Convert the part of a plain graph that ``wanted`` needs (dask culls the same
+    way): ``({key: (func, args)}, {key: dependency keys})``. Entries that name a future
+    of their own key are left out: they are already computed."""
+
+    def is_key(x: Any) -> bool:
+        # Inside dask graphs, a plain string that is not a key is a literal.
+        try:
+            return x in dsk
+        except TypeError:
+            return False
+
+    converted: dict[Hashable, tuple[Callable[..., Any], list[Any]]] = {}
+    deps_of: dict[Hashable, set[Hashable]] = {}
+    used: set[Hashable] = set()
+    for k, task in dsk.items():
+        if is_held(k, task):
+            continue
+        deps: set[Hashable] = set()
+        converted[k] = convert_task(task, is_key, deps)
+        deps_of[k] = deps
+        used.update(deps)
+    # Converting everything, then culling only if some task feeds nothing wanted, is
+    # the fast path for the usual graph where everything is needed.
+    wanted_set = set(wanted)
+    if any(k not in used and k not in wanted_set for k in converted):
+        needed: set[Hashable] = set()
+        todo = [k for k in wanted_set if k in converted]
+        while todo:
+            k = todo.pop()
+            if k not in needed:
+                needed.add(k)
+                todo.extend(d for d in deps_of[k] if d in converted)
+        converted = {k: v for k, v in converted.items() if k in needed}
+        deps_of = {k: v for k, v in deps_of.items() if k in needed}
+    return converted, deps_of
 
 
 def flatten_keys(keys: Any) -> list[Any]:

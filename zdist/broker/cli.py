@@ -15,6 +15,7 @@ import zmq
 from zdist import protocol as P
 from zdist._lifeline import watch_stdin
 from zdist._version import __version__
+from zdist.logs import log_buffer
 from zdist.broker.server import BrokerServer, ServerConfig
 from zdist.errors import ZdistError
 from zdist.security import (
@@ -33,6 +34,7 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    log_buffer()  # recent lines for Client.get_scheduler_logs()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -96,6 +98,12 @@ def configure_logging(level: str) -> None:
     help="Worker deaths a task may cause before it fails with KilledWorker.",
 )
 @click.option(
+    "--dashboard-address",
+    default=":8787",
+    show_default=True,
+    help="Serve the dashboard here (localhost unless a host is given); 'none': off.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -119,6 +127,7 @@ def main(
     liveness: int,
     client_liveness: int,
     allowed_failures: int,
+    dashboard_address: str,
     log_level: str,
     lifeline: bool,
 ) -> None:
@@ -143,6 +152,9 @@ def main(
                 liveness=liveness,
                 client_liveness=client_liveness,
                 allowed_failures=allowed_failures,
+                dashboard_address=None
+                if dashboard_address.lower() in ("none", "", "false")
+                else dashboard_address,
             ),
             security,
         )
@@ -169,6 +181,7 @@ def main(
                     "security": security.to_dict() if security else None,
                     "pid": os.getpid(),
                     "versions": server.state.versions,
+                    "dashboard": server.dashboard.link if server.dashboard else None,
                 },
             )
         except ZdistError as exc:
@@ -178,7 +191,10 @@ def main(
         signal.signal(sig, lambda *_: server.stop())
     if lifeline:
         watch_stdin(server.stop)
-    click.echo(f"zbroker listening at {server.address}", err=False)
+    # Scripts read the first line for the address; the dashboard link follows.
+    click.echo(f"zbroker listening at {server.address}")
+    if server.dashboard is not None:
+        click.echo(f"zbroker dashboard at {server.dashboard.link}")
     sys.stdout.flush()
     logger.info("broker at %s (pid %d)", server.address, os.getpid())
     server.serve_forever()

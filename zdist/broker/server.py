@@ -19,7 +19,9 @@ import zmq
 
 from zdist import protocol as P
 from zdist._version import versions
+from zdist.broker.dashboard import Dashboard
 from zdist.broker.state import BrokerConfig, BrokerState
+from zdist.logs import log_buffer
 from zdist.net import interface_ip
 from zdist.security import Security
 
@@ -43,6 +45,8 @@ class ServerConfig:
     allowed_failures: int = 3
     max_frames: int = P.MAX_FRAMES_DEFAULT
     max_message_bytes: int = P.MAX_MESSAGE_BYTES_DEFAULT
+    #: ``":8787"`` serves the dashboard on localhost:8787; None turns it off.
+    dashboard_address: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,6 +111,11 @@ class BrokerServer:
         self.counters.update(dropped=0, payload_bytes_forwarded=0, messages_in=0)
         self._stop = threading.Event()
         self._log = _RateLimitedLog()
+        self.state.log_lines = lambda: [list(r) for r in log_buffer().records]
+        self.dashboard: Dashboard | None = None
+        if config.dashboard_address:
+            self.dashboard = Dashboard(config.dashboard_address)
+            self.state.dashboard = self.dashboard.link
         self.pid = os.getpid()
 
     # ----------------------------------------------------------------------------------
@@ -127,6 +136,9 @@ class BrokerServer:
                     self.state.tick(now)
                     next_tick = now + tick_every
                 self.send_pending()
+                if self.dashboard is not None and self.dashboard.wanted():
+                    self.state.wall = time.time()
+                    self.dashboard.publish(self.state.info("status"))
         finally:
             self.close()
 
@@ -135,6 +147,7 @@ class BrokerServer:
         state = self.state
         counters = self.counters
         now = time.monotonic()
+        state.wall = time.time()
         for _ in range(BURST):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -182,6 +195,9 @@ class BrokerServer:
         self._stop.set()
 
     def close(self) -> None:
+        if self.dashboard is not None:
+            self.dashboard.close()
+            self.dashboard = None
         self.sock.close(linger=0)
         if self._auth is not None:
             self._auth.stop()

@@ -31,6 +31,7 @@ from typing import Any
 
 from zdist import protocol as P
 from zdist.broker.graph import TaskGraph, find_cycle
+from zdist.broker.monitor import Monitor
 from zdist.errors import GraphError, KilledWorker
 
 logger = logging.getLogger(__name__)
@@ -297,6 +298,14 @@ class BrokerState:
         self._run_batches: dict[bytes, tuple[list[Any], P.FrameList]] = {}
         self._updates: dict[bytes, tuple[list[Any], P.FrameList]] = {}
         self._free: dict[bytes, list[str]] = {}
+        self.monitor = Monitor()
+        #: Recent log lines of the broker process (set by the server: this module
+        #: does no I/O) and the dashboard's address, for info().
+        self.log_lines: Any = list
+        self.dashboard = ""
+        #: Wall-clock time of the current input, set by the server (for the task
+        #: stream people read); scheduling itself only uses ``now``.
+        self.wall = 0.0
         self._dirty = False  # something may be dispatchable
         self.now = 0.0
         self.counters = {"tasks_done": 0, "tasks_erred": 0, "workers_lost": 0}
@@ -638,6 +647,7 @@ class BrokerState:
                     else 0.8 * w.avg_duration + 0.2 * duration
                 )
             if status == "memory":
+                self.monitor.finished(key, w.name, duration, self.wall)
                 self._task_finished(t, w, nbytes, typename, frames)
             elif status == "error":
                 assert frames is not None
@@ -645,6 +655,7 @@ class BrokerState:
                     t.retries -= 1
                     self._requeue(t, "retry")
                 else:
+                    self.monitor.erred(key, w.name, duration, text, self.wall)
                     self._fail(t, frames, str(text))
             elif status == "missing":
                 holder = self.tasks.get(text)
@@ -1114,6 +1125,7 @@ class BrokerState:
             t = Task(key, fn, args, deps, (-prio, seq, i), retries, resources, restrict)
             tasks[key] = t
             graph.add(key, deps)
+            self.monitor.submitted(key)
         for key in msg.wants:
             t = tasks[key]
             t.wanted_by.add(ident)
@@ -1370,10 +1382,14 @@ class BrokerState:
                 "metrics": w.metrics,
                 "versions": w.versions,
             }
+        if what == "task_stream":
+            return {"stream": self.monitor.task_stream()}
+        if what == "logs":
+            return {"logs": self.log_lines()}
         counts: dict[str, int] = {}
         for t in self.tasks.values():
             counts[t.state.value] = counts.get(t.state.value, 0) + 1
-        return {
+        info = {
             "type": "Scheduler",
             "id": "zdist-broker",
             "address": self.config.address,
@@ -1382,7 +1398,14 @@ class BrokerState:
             "n_clients": len(self.clients),
             "counters": dict(self.counters),
             "versions": self.versions,
+            "dashboard": self.dashboard,
         }
+        if what == "status":  # the dashboard's and `zdist status`'s view
+            info["time"] = self.wall
+            info["groups"] = self.monitor.group_progress()
+            info["task_stream"] = self.monitor.task_stream(since=self.wall - 300)
+            info["errors"] = list(self.monitor.errors)
+        return info
 
     # ==================================================================================
     # output helpers

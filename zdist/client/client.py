@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import threading
 import uuid
 import warnings
@@ -112,6 +113,14 @@ class Client:
         self._set_as_default = set_as_default
         if set_as_default:
             self._make_default()
+        # dask's default scheduler becomes this client (as with dask.distributed), so a
+        # plain x.compute() runs here; only if dask is loaded, since zdist never loads
+        # it on its own. Its previous default returns on close().
+        self._dask_default: tuple[Any, Any] | None = None
+        if set_as_default and "dask" in sys.modules:
+            from zdist.client import dask_support
+
+            self._dask_default = dask_support.become_default(self)
         self._finalizer = weakref.finalize(self, _close_connection, self._conn)
 
     # ==================================================================================
@@ -325,7 +334,7 @@ class Client:
 
     def get(
         self,
-        dsk: Mapping[Hashable, Any],
+        dsk: Any,
         keys: Any,
         *,
         workers: Any = None,
@@ -335,66 +344,65 @@ class Client:
         sync: bool = True,
         **kwargs: Any,
     ) -> Any:
-        """Run a dask-style graph ``{key: (func, *args)}``; return values for ``keys``
-        (a key or nested list of keys). The graph travels as one message."""
+        """Run a dask graph and return the values of ``keys`` (a key or nested list of
+        keys): dask's scheduler interface, so ``dask.compute(x, scheduler=client.get)``
+        runs ``x`` here. ``dsk`` is a plain graph ``{key: (func, *args)}`` or what dask
+        collections produce (expressions, HighLevelGraphs, task-spec nodes). Each task
+        of the culled graph is one zdist task; the graph travels as one message."""
         futures = self._submit_graph(dsk, keys, resources, retries, priority, workers)
         if not sync:
             return graphspec.pack_results(keys, futures)
         try:
             values = self.gather(list(futures.values()))
-            by_key = dict(zip(futures, values))
+            by_key = dict(zip(futures, values, strict=True))
             return graphspec.pack_results(keys, by_key)
         finally:
             del futures
 
     def _submit_graph(
         self,
-        dsk: Mapping[Hashable, Any],
+        dsk: Any,
         keys: Any,
         resources: Any,
         retries: int | None,
         priority: int,
         workers: Any,
     ) -> dict[Hashable, Future]:
-        dsk = dict(dsk)
         wanted = graphspec.flatten_keys(keys)
+        # (key, function, arguments), dependencies before dependents. The broker runs
+        # ready tasks in this order (after higher ``priority``, and after earlier
+        # graphs), so for dask collections it is dask.order's.
+        tasks: list[tuple[Hashable, Callable[..., Any], Any]]
+        if graphspec.from_dask(dsk):
+            from zdist.client import dask_support
+
+            tasks = dask_support.graph_tasks(dsk, wanted)
+        else:
+            converted, deps_of = graphspec.convert_graph(dsk, wanted)
+            order = _toposort(deps_of)  # raises GraphError on a cycle
+            tasks = [(k, graphspec.run, converted[k]) for k in order]
+        defined = {k for k, _, _ in tasks}
         with self._lock:
-            known = {
+            missing = [
                 k
                 for k in wanted
-                if k not in dsk and graphspec.stringify(k) in self._futures
-            }
-        missing = [k for k in wanted if k not in dsk and k not in known]
+                if k not in defined and graphspec.stringify(k) not in self._futures
+            ]
         if missing:
             raise GraphError(
-                f"requested key(s) {missing[:5]!r} are not in the graph and not held by "
-                f"this client"
+                f"requested key(s) {missing[:5]!r} are not in the graph and not held "
+                f"by this client"
             )
-
-        # Inside dask graphs, a plain string that is not a key is a literal.
-        def is_key(x: Any) -> bool:
-            try:
-                return x in dsk
-            except TypeError:
-                return False
-
-        deps_of: dict[Hashable, set[Hashable]] = {}
-        converted: dict[Hashable, tuple[Any, Any]] = {}
-        for k, task in dsk.items():
-            deps: set[Hashable] = set()
-            func, args = graphspec.convert_task(task, is_key, deps)
-            deps_of[k] = deps
-            converted[k] = (func, args)
-        order = _toposort(deps_of)  # raises GraphError on a cycle
-        run_fn = self._dumps_function(graphspec.run)
         fl = P.FrameList()
-        fn_ref = fl.add([run_fn])
+        fn_refs: dict[Any, Any] = {}
         entries = []
         wl = _worker_list(workers)
-        for k in order:
-            func, args = converted[k]
+        for k, func, args in tasks:
+            fn_ref = fn_refs.get(func)
+            if fn_ref is None:
+                fn_ref = fn_refs[func] = fl.add([self._dumps_function(func)])
             try:
-                frames, deps = serialize.dumps_args(((func, args), {}))
+                frames, deps = serialize.dumps_args((args, {}))
             except Exception as exc:
                 raise TypeError(f"cannot serialize task {k!r}: {exc}") from exc
             entries.append(
@@ -419,6 +427,68 @@ class Client:
             P.Submit(entries, [graphspec.stringify(k) for k in futures]), fl.frames
         )
         return futures
+
+    def compute(
+        self,
+        collections: Any,
+        sync: bool = False,
+        optimize_graph: bool = True,
+        workers: Any = None,
+        allow_other_workers: bool = False,
+        resources: dict[str, float] | None = None,
+        retries: int | None = 0,
+        priority: int = 0,
+        fifo_timeout: Any = "60s",
+        actors: Any = None,
+        traverse: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """Start computing dask collections; a Future per collection (a list for a
+        list), or their values with ``sync=True``. Other arguments pass through."""
+        from zdist.client import dask_support
+
+        return dask_support.compute(
+            self,
+            collections,
+            sync=sync,
+            optimize_graph=optimize_graph,
+            traverse=traverse,
+            submit=lambda expr, names: self._submit_graph(
+                expr, names, resources, retries, priority, workers
+            ),
+        )
+
+    def persist(
+        self,
+        collections: Any,
+        optimize_graph: bool = True,
+        workers: Any = None,
+        allow_other_workers: bool | None = None,
+        resources: dict[str, float] | None = None,
+        retries: int | None = None,
+        priority: int = 0,
+        fifo_timeout: Any = "60s",
+        actors: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Start computing dask collections and return them (a list for a list) backed
+        by futures: later computations on them reuse these results."""
+        from zdist.client import dask_support
+
+        return dask_support.persist(
+            collections,
+            optimize_graph=optimize_graph,
+            submit=lambda expr, names: self._submit_graph(
+                expr, names, resources, retries, priority, workers
+            ),
+        )
+
+    def get_executor(self, **kwargs: Any) -> Any:
+        """A :class:`concurrent.futures.Executor` running calls on this cluster;
+        ``**kwargs`` go to every ``submit`` (``workers=``, ``resources=``...)."""
+        from zdist.client.dask_support import ClientExecutor
+
+        return ClientExecutor(self, **kwargs)
 
     def scatter(
         self,
@@ -650,7 +720,27 @@ class Client:
 
     @property
     def dashboard_link(self) -> str | None:
-        return getattr(self.cluster, "dashboard_link", None)
+        """The dashboard's URL, token included (None if the broker serves none)."""
+        link = getattr(self.cluster, "dashboard_link", None)
+        return link or self.scheduler_info().get("dashboard") or None
+
+    def get_task_stream(self, start: float | None = None, stop: float | None = None,
+                        count: int | None = None) -> list[dict[str, Any]]:
+        """Recent task runs: key, group, worker, start, stop (epoch seconds), status."""
+        stream = self._info("task_stream")["stream"]
+        stream = [t for t in stream if (start is None or t["stop"] >= start)
+                  and (stop is None or t["start"] <= stop)]
+        return stream[-count:] if count else stream
+
+    def get_scheduler_logs(self, n: int | None = None) -> list[tuple[str, str]]:
+        """The broker's recent log records as (level, line), newest last."""
+        logs = [tuple(x) for x in self._info("logs")["logs"]]
+        return logs[-n:] if n else logs
+
+    def get_worker_logs(self, n: int | None = None, workers: Any = None
+                        ) -> dict[str, list[tuple[str, str]]]:
+        """Each worker's recent log records as (level, line), by worker address."""
+        return self.run(_worker_logs, n, workers=workers)
 
     # ==================================================================================
     # lifecycle
@@ -679,6 +769,10 @@ class Client:
         with _default_lock:
             if _default_client is self:
                 _default_client = self._previous_default
+        if self._dask_default is not None:
+            from zdist.client import dask_support
+
+            dask_support.restore_default(self, self._dask_default)
         if self._owns_cluster and self.cluster is not None:
             self.cluster.close()
 
@@ -811,6 +905,13 @@ def _toposort(deps_of: dict[Hashable, set[Hashable]]) -> list[Hashable]:
         stuck = [k for k, n in indegree.items() if n > 0]
         raise GraphError(f"the graph has a cycle among {stuck[:5]!r}")
     return order
+
+
+def _worker_logs(n: int | None) -> list[tuple[str, str]]:
+    from zdist.logs import log_buffer
+
+    records = list(log_buffer().records)
+    return records[-n:] if n else records
 
 
 def _count(xs: list[Any]) -> int:

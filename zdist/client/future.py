@@ -124,7 +124,8 @@ def rebuild_exception(frames: list[Any] | None, text: str) -> BaseException:
         return payload
     exc, tb = payload
     if exc is None:
-        return RemoteError(f"{text}\n\nRemote traceback:\n{tb}")
+        summary = text.split("\n", 1)[0]
+        return RemoteError(f"{summary}\n\nRemote traceback:\n{tb}")
     exc.__cause__ = RemoteTraceback(tb)
     return exc
 

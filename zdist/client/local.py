@@ -41,7 +41,9 @@ class BrokerProcess:
         extra_args: tuple[str, ...] = (),
         log_level: str = "warning",
         timeout: float = 30,
+        dashboard_address: str | None = None,
     ) -> None:
+        self.dashboard_link: str | None = None
         args = [
             sys.executable,
             "-m",
@@ -60,6 +62,8 @@ class BrokerProcess:
         if scheduler_file:
             args += ["--scheduler-file", scheduler_file]
         args += ["--security-file", "-"] if security else ["--no-security"]
+        args += ["--dashboard-address", dashboard_address or "none"]
+        self._wants_dashboard = bool(dashboard_address)
         self.proc = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
@@ -72,14 +76,26 @@ class BrokerProcess:
 
     def _read_address(self, timeout: float) -> str:
         assert self.proc.stdout is not None
-        result: list[bytes] = []
-        reader = threading.Thread(
-            target=lambda: result.append(self.proc.stdout.readline()),  # type: ignore[union-attr]
-            daemon=True,
-        )
+        stdout = self.proc.stdout
+        result: list[str] = []
+
+        def read() -> None:
+            # The broker prints its address, then its dashboard link (if it has one).
+            for raw in iter(stdout.readline, b""):
+                line = raw.decode()
+                result.append(line)
+                if "dashboard at " in line or (
+                    "listening at " in line and not self._wants_dashboard
+                ):
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
         reader.start()
         reader.join(timeout)
-        line = result[0].decode() if result else ""
+        for line in result:
+            if "dashboard at " in line:
+                self.dashboard_link = line.split("dashboard at ", 1)[1].strip()
+        line = result[0] if result else ""
         if "listening at " not in line:
             self.close()
             raise ZdistError(
@@ -230,7 +246,7 @@ class LocalCluster:
         security: Security | bool | None = True,
         resources: dict[str, float] | None = None,
         local_directory: str | None = None,
-        dashboard_address: str | None = None,
+        dashboard_address: str | None = ":8787",
         silence_logs: int | bool = logging.WARNING,
         name: str | None = None,
         nanny: bool = True,
@@ -299,16 +315,24 @@ class LocalCluster:
                 host or "127.0.0.1",
                 scheduler_port,
                 log_level=self._log_level,
+                dashboard_address=dashboard_address,
             )
+            self.dashboard_link = self._broker_proc.dashboard_link
             self.scheduler_address = self._broker_proc.address
             self.broker_pid = self._broker_proc.pid
         else:
             from zdist.broker.server import BrokerServer, ServerConfig
 
             self._server = BrokerServer(
-                ServerConfig(host=host or "127.0.0.1", port=scheduler_port),
+                ServerConfig(
+                    host=host or "127.0.0.1",
+                    port=scheduler_port,
+                    dashboard_address=dashboard_address,
+                ),
                 self.security,
             )
+            if self._server.dashboard is not None:
+                self.dashboard_link = self._server.dashboard.link
             self.scheduler_address = self._server.address
             self.broker_pid = os.getpid()
             self._broker_thread = threading.Thread(

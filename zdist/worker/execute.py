@@ -111,7 +111,9 @@ def run_task(
 
 def _set_error(out: Outcome, exc: BaseException) -> None:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    out.text = f"{type(exc).__name__}: {exc}"
+    # The text travels unpickled, for the dashboard's error list and for clients that
+    # cannot rebuild the exception: the description, then the traceback's tail.
+    out.text = f"{type(exc).__name__}: {exc}\n\n{tb[-4000:]}"
     try:
         frames = serialize.dumps((exc, tb))
         pickle.loads(frames[0], buffers=frames[1:])  # can the client rebuild it?

@@ -28,6 +28,7 @@ from zdist import serialize
 from zdist._version import versions
 from zdist.net import interface_ip, local_ip_towards, split_address
 from zdist.security import Security
+from zdist.logs import log_buffer
 from zdist.worker import context
 from zdist.worker.execute import FunctionCache, Outcome, run_task
 from zdist.worker.memory import SpillBuffer, process_memory
@@ -79,6 +80,7 @@ class Worker:
     ) -> None:
         self.config = config
         self.name = config.name or f"worker-{uuid.uuid4().hex[:8]}"
+        log_buffer()  # recent lines for Client.get_worker_logs()
         self.nthreads = max(1, config.nthreads)
         self.resources = dict(config.resources)
         self.memory_limit = config.memory_limit

@@ -1,0 +1,76 @@
+"""What the broker remembers for people watching it: task groups, a task stream,
+recent errors and log lines. Pure bookkeeping fed by the state machine; the dashboard,
+``zdist status`` and ``Client.get_task_stream`` read :meth:`Monitor.status`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict, deque
+from typing import Any
+
+#: Task-stream entries kept (dask keeps the last 100,000; the dashboard shows minutes).
+STREAM_LENGTH = 20_000
+#: Recent errors kept with their text.
+ERRORS_LENGTH = 50
+#: Task groups kept (oldest idle ones are dropped first).
+GROUPS_LENGTH = 200
+
+_HEX = re.compile(r"^[0-9a-f]{8,}$")
+
+
+def key_group(key: str) -> str:
+    """dask's ``key_split``: ``inc-1d26...`` -> ``inc``; ``('x-ab12', 0, 1)`` -> ``x``."""
+    if key.startswith("("):
+        m = re.match(r"\(\s*['\"]([^'\"]+)['\"]", key)
+        if m:
+            key = m.group(1)
+    parts = key.split("-")
+    words = [p for p in parts if p and not _HEX.match(p) and not p.isdigit()]
+    return "-".join(words) or key
+
+
+class Monitor:
+    def __init__(self) -> None:
+        self.groups: OrderedDict[str, list[int]] = OrderedDict()  # [total, done, erred]
+        self.stream: deque[tuple[str, str, str, float, float, str]] = deque(
+            maxlen=STREAM_LENGTH
+        )
+        self.errors: deque[dict[str, Any]] = deque(maxlen=ERRORS_LENGTH)
+
+    def _group(self, key: str) -> list[int]:
+        name = key_group(key)
+        g = self.groups.get(name)
+        if g is None:
+            g = self.groups[name] = [0, 0, 0]
+            if len(self.groups) > GROUPS_LENGTH:
+                self.groups.popitem(last=False)
+        else:
+            self.groups.move_to_end(name)
+        return g
+
+    def submitted(self, key: str) -> None:
+        self._group(key)[0] += 1
+
+    def finished(self, key: str, worker: str, duration: float, now: float) -> None:
+        self._group(key)[1] += 1
+        if duration >= 0:
+            self.stream.append((key, key_group(key), worker, now - duration, now, "memory"))
+
+    def erred(self, key: str, worker: str, duration: float, text: str, now: float) -> None:
+        self._group(key)[2] += 1
+        self.stream.append((key, key_group(key), worker, now - max(duration, 0), now, "error"))
+        self.errors.append({"key": key, "worker": worker, "time": now, "text": text})
+
+    def task_stream(self, since: float = 0.0) -> list[dict[str, Any]]:
+        return [
+            {"key": k, "group": g, "worker": w, "start": s, "stop": e, "status": st}
+            for k, g, w, s, e, st in self.stream
+            if e >= since
+        ]
+
+    def group_progress(self) -> list[dict[str, Any]]:
+        return [
+            {"name": name, "total": t, "done": d, "erred": e}
+            for name, (t, d, e) in self.groups.items()
+        ]
