@@ -278,3 +278,37 @@ def test_sigterm_hands_off_needed_results_instead_of_recomputing(broker, tmp_pat
         for p in (leaving, staying):
             if p is not None and p.poll() is None:
                 stop(p)
+
+
+def test_gpu_auto_starts_one_pinned_worker_per_gpu(broker, tmp_path) -> None:
+    # A stand-in nvidia-smi listing two GPUs (this machine has none; the lent GPU
+    # machine is where the real command is checked).
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: Fake A (UUID: GPU-a)'\n"
+                    "echo 'GPU 1: Fake B (UUID: GPU-b)'\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
+    _, _, sf = broker
+    worker = subprocess.Popen([PY, "-m", "zdist.worker", "--scheduler-file", sf,
+                               "--resources", "GPU=auto", "--name", "gpu"], env=env)
+    try:
+        with Client(scheduler_file=sf) as c:
+            c.wait_for_workers(2, timeout=30)
+            workers = c.scheduler_info()["workers"].values()
+            assert sorted(w["name"] for w in workers) == ["gpu-0", "gpu-1"]
+            assert all(w["resources"] == {"GPU": 1.0} for w in workers)
+            seen = c.run(tasks.getenv, "CUDA_VISIBLE_DEVICES")
+            assert sorted(seen.values()) == ["0", "1"]
+            f = c.submit(tasks.getenv, "CUDA_VISIBLE_DEVICES", resources={"GPU": 1},
+                         pure=False)
+            assert f.result() in ("0", "1")
+    finally:
+        stop(worker)
+    no_gpu = subprocess.run([PY, "-m", "zdist.worker", "--scheduler-file", sf,
+                             "--resources", "GPU=auto"],
+                            env={**env, "CUDA_VISIBLE_DEVICES": ""},
+                            capture_output=True, text=True, timeout=30)
+    assert no_gpu.returncode != 0 and "found no GPU" in no_gpu.stderr

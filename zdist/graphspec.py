@@ -156,7 +156,7 @@ def convert_graph(
     deps_of: dict[Hashable, set[Hashable]] = {}
     used: set[Hashable] = set()
     for k, task in dsk.items():
-        if is_held(k, task):
+        if type(task) is not tuple and is_held(k, task):
             continue
         deps: set[Hashable] = set()
         converted[k] = convert_task(task, is_key, deps)

@@ -6,7 +6,9 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import sys
+from typing import Any
 import threading
 
 import click
@@ -67,11 +69,28 @@ def resolve_memory_limit(text: str, nworkers: int) -> int:
     return parse_bytes(text)
 
 
-def parse_resources(text: str | None) -> dict[str, float]:
-    """``"GPU=2 MEM=10e9"`` -> ``{"GPU": 2.0, "MEM": 1e10}`` (dask's syntax)."""
-    out: dict[str, float] = {}
+def detect_gpus() -> list[str]:
+    """Visible GPUs: CUDA_VISIBLE_DEVICES if set, else the ids ``nvidia-smi -L`` lists."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                             timeout=30, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [m.group(1) for m in re.finditer(r"^GPU (\d+):", out, re.M)]
+
+
+def parse_resources(text: str | None) -> dict[str, Any]:
+    """``"GPU=2 MEM=10e9"`` -> ``{"GPU": 2.0, "MEM": 1e10}`` (dask's syntax);
+    ``GPU=auto`` stays ``"auto"`` (one worker per visible GPU)."""
+    out: dict[str, Any] = {}
     for item in (text or "").replace(",", " ").split():
         name, sep, value = item.partition("=")
+        if name == "GPU" and value == "auto":
+            out[name] = "auto"
+            continue
         try:
             out[name] = float(value)
         except ValueError:
@@ -282,6 +301,23 @@ def main(
             interface_ip(interface)
     except ZdistError as exc:
         raise click.ClickException(str(exc)) from None
+    resource_map = parse_resources(resources)
+    gpus: list[str] = []
+    if resource_map.get("GPU") == "auto":
+        # One worker process per visible GPU, each pinned to its device.
+        gpus = detect_gpus()
+        if not gpus:
+            raise click.ClickException(
+                "GPU=auto found no GPU: CUDA_VISIBLE_DEVICES is unset and "
+                "`nvidia-smi -L` lists none"
+            )
+        if nworkers not in (1, len(gpus)):
+            raise click.BadParameter(
+                f"GPU=auto starts one worker per GPU ({len(gpus)} here)",
+                param_hint="--nworkers",
+            )
+        nworkers = len(gpus)
+        resource_map["GPU"] = 1.0
     threads = nthreads or max(1, (os.cpu_count() or 1) // nworkers)
     base = name or f"{os.uname().nodename}-{os.getpid()}"
     configs = [
@@ -291,7 +327,8 @@ def main(
             name=base if nworkers == 1 else f"{base}-{i}",
             nthreads=threads,
             memory_limit=resolve_memory_limit(memory_limit, nworkers),
-            resources=parse_resources(resources),
+            resources=dict(resource_map),
+            env={"CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else {},
             local_directory=local_directory or "",
             interface=interface,
             death_timeout=death,

@@ -51,7 +51,7 @@ def spawn_worker(
     proc = subprocess.Popen(
         [sys.executable, "-m", "zdist.worker.process", "--log-level", log_level],
         stdin=subprocess.PIPE,
-        env=worker_environment(),
+        env={**worker_environment(), **config.env},
     )
     assert proc.stdin is not None
     proc.stdin.write(json.dumps(cfg).encode() + b"\n")

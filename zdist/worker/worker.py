@@ -60,6 +60,8 @@ class WorkerConfig:
     memory_spill_fraction: float | None = 0.7
     memory_pause_fraction: float | None = 0.8
     memory_terminate_fraction: float | None = 0.95
+    #: Extra environment for the worker process (e.g. CUDA_VISIBLE_DEVICES).
+    env: dict[str, str] = field(default_factory=dict)
 
 
 class _Task:
