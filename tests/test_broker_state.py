@@ -281,7 +281,6 @@ def snapshot(st: BrokerState) -> Any:
                 t.processing_on,
                 t.queued,
                 t.inline,
-                tuple(t.story or ()),
             )
             for k, t in st.tasks.items()
         },
@@ -1827,3 +1826,24 @@ def test_random_operations_keep_the_bookkeeping_right(seed: int) -> None:
             assert t.state in FINAL_STATES, key
             expected = "finished" if t.state is S.MEMORY else "error"
             assert fz.last.get((ident, key)) == expected, (ident, key)
+
+
+def test_task_graph_is_a_consistent_networkx_digraph() -> None:
+    import networkx as nx
+
+    from zdist.broker.graph import TaskGraph
+
+    g = TaskGraph()
+    g.add("a", [])
+    g.add("b", ["a"])
+    g.add("c", ["a", "b"])
+    ref = nx.DiGraph([("a", "b"), ("a", "c"), ("b", "c")])
+    assert set(g.nx.nodes) == set(ref.nodes) and set(g.nx.edges) == set(ref.edges)
+    assert list(nx.topological_sort(g.nx)) == ["a", "b", "c"]
+    assert sorted(g.dependencies("c")) == ["a", "b"] and g.n_dependents("a") == 2
+    g.remove("c")
+    ref.remove_node("c")
+    assert set(g.nx.edges) == set(ref.edges) and g.n_dependents("a") == 1
+    g.remove("b")
+    g.remove("a")
+    assert len(g) == 0 and g.nx.number_of_nodes() == 0 and g.n_edges() == 0

@@ -38,7 +38,7 @@ from dask._task_spec import (  # noqa: E402
 )
 from dask.base import collections_to_expr  # noqa: E402
 
-from zdist import Client, Future, GraphError, wait  # noqa: E402
+from zdist import Client, Future, GraphError, graphspec, wait  # noqa: E402
 from zdist.client import dask_support  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -135,6 +135,8 @@ def test_plain_graph_with_tuple_keys_and_nested_keys(client: Client) -> None:
     }
     keys = [["total", ("x-abc", 1, 1)], [("x-abc", 0, 1)]]
     assert client.get(dsk, keys) == [[1 + 2 + 11, 2], [1]]
+    converted, _ = graphspec.convert_graph(dsk, graphspec.flatten_keys(keys))
+    assert "unused" not in converted and len(converted) == 3
     # dask's local scheduler packs nested keys in tuples, dask.distributed in lists.
     assert client.get(dsk, keys) == [list(v) for v in dask.get(dsk, keys)]
 

@@ -464,9 +464,10 @@ def _bytes(frame: Any) -> bytes:
 def ref_frames(payload: Sequence[Any], ref: Any) -> list[Any]:
     """The payload frames that a ``[start, count]`` reference names, checked."""
     if (
-        not isinstance(ref, list)
+        type(ref) is not list
         or len(ref) != 2
-        or not all(type(x) is int for x in ref)
+        or type(ref[0]) is not int
+        or type(ref[1]) is not int
         or ref[0] < 0
         or ref[1] < 1
         or ref[0] + ref[1] > len(payload)

@@ -73,8 +73,13 @@ class _Pickler(pickle.Pickler):
     reducer_override = staticmethod(_reducer_override)
 
 
+_SCALARS = frozenset({type(None), bool, int, float, str, complex})
+
+
 def dumps(obj: Any) -> list[Any]:
     """Serialise ``obj`` to frames (``[pickle, *buffers]``)."""
+    if type(obj) in _SCALARS:  # most tiny tasks' results: no pickler object needed
+        return [pickle.dumps(obj, PROTOCOL)]
     frames: list[Any] = [b""]
     try:
         file = io.BytesIO()

@@ -25,9 +25,12 @@ def key_group(key: str) -> str:
         m = re.match(r"\(\s*['\"]([^'\"]+)['\"]", key)
         if m:
             key = m.group(1)
-    parts = key.split("-")
-    words = [p for p in parts if p and not _HEX.match(p) and not p.isdigit()]
-    return "-".join(words) or key
+    i = key.rfind("-")
+    if i > 0:  # the usual "name-<hash>": one split, no regular expression per word
+        tail = key[i + 1 :]
+        if tail.isdigit() or (len(tail) >= 8 and _HEX.match(tail)):
+            return key_group(key[:i]) if "-" in key[:i] else key[:i]
+    return key
 
 
 class Monitor:
@@ -38,28 +41,32 @@ class Monitor:
         )
         self.errors: deque[dict[str, Any]] = deque(maxlen=ERRORS_LENGTH)
 
-    def _group(self, key: str) -> list[int]:
-        name = key_group(key)
+    def _group(self, name: str) -> list[int]:
         g = self.groups.get(name)
         if g is None:
             g = self.groups[name] = [0, 0, 0]
             if len(self.groups) > GROUPS_LENGTH:
                 self.groups.popitem(last=False)
-        else:
-            self.groups.move_to_end(name)
         return g
 
-    def submitted(self, key: str) -> None:
-        self._group(key)[0] += 1
+    def submitted(self, key: str) -> str:
+        """Count a new task; returns its group, which the caller keeps."""
+        name = key_group(key)
+        self._group(name)[0] += 1
+        return name
 
-    def finished(self, key: str, worker: str, duration: float, now: float) -> None:
-        self._group(key)[1] += 1
+    def finished(
+        self, key: str, group: str, worker: str, duration: float, now: float
+    ) -> None:
+        self._group(group)[1] += 1
         if duration >= 0:
-            self.stream.append((key, key_group(key), worker, now - duration, now, "memory"))
+            self.stream.append((key, group, worker, now - duration, now, "memory"))
 
-    def erred(self, key: str, worker: str, duration: float, text: str, now: float) -> None:
-        self._group(key)[2] += 1
-        self.stream.append((key, key_group(key), worker, now - max(duration, 0), now, "error"))
+    def erred(
+        self, key: str, group: str, worker: str, duration: float, text: str, now: float
+    ) -> None:
+        self._group(group)[2] += 1
+        self.stream.append((key, group, worker, now - max(duration, 0), now, "error"))
         self.errors.append({"key": key, "worker": worker, "time": now, "text": text})
 
     def task_stream(self, since: float = 0.0) -> list[dict[str, Any]]:

@@ -81,11 +81,19 @@ _TRANSITIONS: frozenset[tuple[TaskState, TaskState]] = frozenset(
         (TaskState.ERRED, TaskState.RELEASED),
     }
 )
+# The hot path reads these as member attributes: an Enum hashes through a Python-level
+# __hash__, and a (state, state) set lookup cost more than the rest of a transition.
+for _state in TaskState:
+    _state.allowed = tuple(b for a, b in _TRANSITIONS if a is _state)  # type: ignore[attr-defined]
+    _state.active = _state in _ACTIVE  # type: ignore[attr-defined]
+del _state
 
 #: The pseudo-client that wants fire_and_forget tasks until they finish.
 FIRE_AND_FORGET = b""
-#: Per-task transition history kept for debugging (dask's ``story``); small and bounded.
+#: Transitions kept per task in story() for debugging (dask's ``story``).
 STORY_LENGTH = 8
+#: Transitions kept in all (one log for the broker, like dask's transition_log).
+TRANSITION_LOG_LENGTH = 100_000
 #: A dependency at least this large pins its dependent to the worker holding it.
 LOCALITY_BYTES = 1_000_000
 #: Keep each worker supplied with enough queued tasks to cover this much work, so it
@@ -104,6 +112,7 @@ class Task:
         "deps",
         "error",
         "failed_on",
+        "group",
         "fn",
         "inline",
         "key",
@@ -116,7 +125,6 @@ class Task:
         "restrict",
         "retries",
         "state",
-        "story",
         "suspicious",
         "typename",
         "waiting_on",
@@ -154,10 +162,10 @@ class Task:
         self.processing_on: bytes | None = None
         self.wanted_by: set[bytes] = set()
         self.suspicious = 0
+        self.group = ""  # dask's key_split of the key, for progress and the dashboard
         self.failed_on: list[str] = []
         self.error: tuple[list[Any], str] | None = None
         self.queued = 0  # generation of its live entry in a ready queue (0: none)
-        self.story: deque[tuple[str, str]] | None = None
 
 
 class Worker:
@@ -299,6 +307,9 @@ class BrokerState:
         self._updates: dict[bytes, tuple[list[Any], P.FrameList]] = {}
         self._free: dict[bytes, list[str]] = {}
         self.monitor = Monitor()
+        self.transitions: deque[tuple[str, str, str]] = deque(
+            maxlen=TRANSITION_LOG_LENGTH
+        )
         #: Recent log lines of the broker process (set by the server: this module
         #: does no I/O) and the dashboard's address, for info().
         self.log_lines: Any = list
@@ -408,24 +419,21 @@ class BrokerState:
         old = t.state
         if old is new:
             return
-        if (old, new) not in _TRANSITIONS:
+        if new not in old.allowed:  # type: ignore[attr-defined]
             raise IllegalTransition(f"{t.key}: {old.value} -> {new.value} ({why})")
         t.state = new
-        active = new in _ACTIVE
-        if active is not (old in _ACTIVE):
+        active = new.active  # type: ignore[attr-defined]
+        if active is not old.active:  # type: ignore[attr-defined]
             # A count, not a scan of the dependents on every release check: that
             # scan made a result shared by n tasks cost O(n^2).
             delta = 1 if active else -1
             tasks = self.tasks
             for d in t.deps:
                 tasks[d].n_active += delta
-        if t.story is None:
-            t.story = deque(maxlen=STORY_LENGTH)
-        t.story.append((new.value, why))
+        self.transitions.append((t.key, new.value, why))
 
     def story(self, key: str) -> list[tuple[str, str]]:
-        t = self.tasks.get(key)
-        return list(t.story or ()) if t else []
+        return [(s, why) for k, s, why in self.transitions if k == key][-STORY_LENGTH:]
 
     # ==================================================================================
     # workers
@@ -647,7 +655,7 @@ class BrokerState:
                     else 0.8 * w.avg_duration + 0.2 * duration
                 )
             if status == "memory":
-                self.monitor.finished(key, w.name, duration, self.wall)
+                self.monitor.finished(key, t.group, w.name, duration, self.wall)
                 self._task_finished(t, w, nbytes, typename, frames)
             elif status == "error":
                 assert frames is not None
@@ -655,7 +663,7 @@ class BrokerState:
                     t.retries -= 1
                     self._requeue(t, "retry")
                 else:
-                    self.monitor.erred(key, w.name, duration, text, self.wall)
+                    self.monitor.erred(key, t.group, w.name, duration, text, self.wall)
                     self._fail(t, frames, str(text))
             elif status == "missing":
                 holder = self.tasks.get(text)
@@ -1024,7 +1032,12 @@ class BrokerState:
             # One list per distinct ref, so that tasks sharing a function frame share
             # it in RunTasks too (FrameList.add(share=True)).
             # Types first: (True, 1) == (1, 1) would hit another ref's cache entry.
-            if type(ref) is not list or len(ref) != 2 or {*map(type, ref)} != {int}:
+            if (
+                type(ref) is not list
+                or len(ref) != 2
+                or type(ref[0]) is not int
+                or type(ref[1]) is not int
+            ):
                 raise P.ProtocolError(f"bad frame reference {ref!r}")
             k = (ref[0], ref[1])
             got = frames_cache.get(k)
@@ -1043,8 +1056,9 @@ class BrokerState:
             )
             if not isinstance(key, str) or not isinstance(deps, list):
                 raise P.ProtocolError("malformed task entry")
-            if not all(isinstance(d, str) for d in deps):
-                raise P.ProtocolError("dependency keys must be strings")
+            for d in deps:
+                if type(d) is not str:
+                    raise P.ProtocolError("dependency keys must be strings")
             if not _is_number(prio) or type(retries) is not int:
                 raise P.ProtocolError(f"malformed priority or retries for {key!r}")
             if resources is not None:
@@ -1061,7 +1075,8 @@ class BrokerState:
                 continue  # pure dedup: the first definition wins
             # A key named twice (an argument used twice) is one dependency: counted
             # twice it would keep the task waiting forever.
-            deps = list(dict.fromkeys(deps))
+            if len(deps) > 1:
+                deps = list(dict.fromkeys(deps))
             for d in deps:
                 if d not in tasks and d not in new:
                     forward_ref = True
@@ -1125,7 +1140,7 @@ class BrokerState:
             t = Task(key, fn, args, deps, (-prio, seq, i), retries, resources, restrict)
             tasks[key] = t
             graph.add(key, deps)
-            self.monitor.submitted(key)
+            t.group = self.monitor.submitted(key)
         for key in msg.wants:
             t = tasks[key]
             t.wanted_by.add(ident)

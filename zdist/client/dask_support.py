@@ -18,6 +18,7 @@ import collections
 import concurrent.futures
 import heapq
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +60,9 @@ def graph_tasks(dsk: Any, wanted: list[Hashable]) -> list[Task]:
     nodes = _culled_nodes(_materialize(dsk), wanted)
     try:
         rank: dict[Any, int] = dask.order.order(nodes)
-    except RuntimeError as exc:  # dask.order: "Cycle detected between ..."
+    except RuntimeError as exc:
+        if "Cycle detected" not in str(exc):
+            raise
         raise GraphError(f"the graph has a cycle: {exc}") from exc
     keys = _dependencies_first(nodes, sorted(nodes, key=rank.__getitem__), rank)
     out: list[Task] = []
@@ -243,7 +246,11 @@ def restore_default(client: Client, before: tuple[Any, Any]) -> None:
     # Skip clients closed in the meantime (closed out of order).
     while _closed_zdist_get(scheduler):
         scheduler, shuffle = scheduler.__self__._dask_default
-    dask.config.set({"scheduler": scheduler, "dataframe.shuffle.method": shuffle})
+    restore: dict[str, Any] = {"scheduler": scheduler}
+    # The shuffle method goes back only if it is still the one set here.
+    if shuffle is None and dask.config.get("dataframe.shuffle.method", None) == "tasks":
+        restore["dataframe.shuffle.method"] = None
+    dask.config.set(restore)
 
 
 def _closed_zdist_get(scheduler: Any) -> bool:
@@ -290,7 +297,6 @@ class ClientExecutor(concurrent.futures.Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
-        **kwargs: Any,
     ) -> Iterator[Any]:
         # One Submit message for all calls (Client.map), not one per call.
         with self._lock:
@@ -299,9 +305,12 @@ class ClientExecutor(concurrent.futures.Executor):
         zfs = self._client.map(fn, *iterables, **self._kwargs)
         cfs = [self._wrap(zf) for zf in zfs]
 
+        deadline = None if timeout is None else time.monotonic() + timeout
+
         def results() -> Iterator[Any]:
             for cf in cfs:
-                yield cf.result(timeout)
+                left = None if deadline is None else deadline - time.monotonic()
+                yield cf.result(left)
 
         return results()
 

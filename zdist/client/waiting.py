@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 from collections import namedtuple
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from zdist import protocol as P
@@ -150,20 +150,129 @@ def progress(
     notebook: bool | None = None,
     multi: bool = True,
     complete: bool = True,
+    group_by: Any = "prefix",
     **kwargs: Any,
 ) -> None:
-    """Show a progress bar until the futures are done (a tqdm bar in a terminal)."""
-    from tqdm.auto import tqdm
+    """Show live progress bars until the futures are done (dask.distributed's name).
 
-    fs = [f for x in futures for f in _futures_in(x)]
-    done_q: queue.SimpleQueue[Future] = queue.SimpleQueue()
+    One bar per task group (the key's prefix: ``inc-3f2a...`` -> ``inc``) with
+    ``multi=True``, else one bar for everything. A terminal gets tqdm's text bars
+    (they work over ssh and in job logs); Jupyter gets widgets with ``notebook=True``,
+    or by itself with ``notebook=None`` when ipywidgets is installed. Failed or
+    cancelled tasks count as finished and show in the bar's postfix (``erred=2``).
+
+    ``futures`` are futures, lists/dicts of them, or dask collections returned by
+    ``client.persist``. ``complete=False`` follows only the futures not yet done.
+    ``group_by`` may be a function from key to group name. Other keyword arguments go
+    to tqdm (``file=``, ``mininterval=``, ``ncols=`` ...); dask's ``interval="100ms"``
+    is understood as well.
+    """
+    fs = _progress_futures(futures)
+    if not complete:
+        fs = [f for f in fs if not f.done()]
+    if group_by == "prefix":
+        from zdist.keys import key_group
+
+        group_of = key_group
+    elif callable(group_by):
+        group_of = group_by
+    else:
+        raise ValueError(f"group_by must be 'prefix' or a function, not {group_by!r}")
+    interval = kwargs.pop("interval", None)
+    if interval is not None:
+        kwargs.setdefault("mininterval", _seconds(interval))
+    kwargs.pop("width", None)  # dask's bar width; tqdm sizes itself to the terminal
+    kwargs.setdefault("file", sys.stderr)
+    kwargs.setdefault("unit", "task")
+    tqdm = _tqdm_class(notebook)
+
+    groups: dict[str, list[Future]] = {}
     for f in fs:
-        f.add_done_callback(done_q.put)
-    errors = 0
-    with tqdm(total=len(fs), file=kwargs.get("file", sys.stderr), unit="task") as bar:
+        name = str(group_of(f.key)) if multi else "tasks"
+        groups.setdefault(name, []).append(f)
+    done_q: queue.SimpleQueue[tuple[str, Future]] = queue.SimpleQueue()
+    bars: dict[str, Any] = {}
+    failed: dict[str, dict[str, int]] = {}
+    try:
+        for position, (name, members) in enumerate(groups.items()):
+            opts = {"desc": name, "total": len(members), "position": position}
+            bars[name] = tqdm(**{**opts, **kwargs})
+        for name, members in groups.items():
+            report = _reporter(done_q, name)
+            for f in members:
+                f.add_done_callback(report)
+        # Only this thread touches the bars: callbacks run on the client's I/O thread.
         for _ in range(len(fs)):
-            f = done_q.get()
-            if f.status != "finished":
-                errors += 1
-                bar.set_postfix(errors=errors)
+            name, f = done_q.get()
+            bar = bars[name]
+            status = f.status
+            if status != "finished":
+                what = "cancelled" if status == "cancelled" else "erred"
+                counts = failed.setdefault(name, {})
+                counts[what] = counts.get(what, 0) + 1
+                bar.set_postfix(counts, refresh=False)
+                if hasattr(bar, "colour"):
+                    bar.colour = "red"
             bar.update(1)
+    finally:
+        # Bottom bar first: closing a positioned bar moves the cursor below it.
+        for bar in reversed(list(bars.values())):
+            bar.close()
+
+
+def _progress_futures(objs: tuple[Any, ...]) -> list[Future]:
+    """Futures to follow, without repeats; persisted dask collections give theirs."""
+    out: dict[str, Future] = {}
+    for x in objs:
+        if hasattr(x, "__dask_graph__") and not isinstance(x, Future):
+            # A persisted collection's graph maps each key to its Future (newer dask
+            # may wrap it in a node holding it as ``.value``).
+            values = dict(x.__dask_graph__()).values()
+            found = [
+                f
+                for f in (
+                    v if isinstance(v, Future) else getattr(v, "value", None)
+                    for v in values
+                )
+                if isinstance(f, Future)
+            ]
+            if not found:
+                raise TypeError(
+                    f"progress follows futures, and this {type(x).__name__} has none: "
+                    "pass client.persist(collection) or client.compute(collection)"
+                )
+        else:
+            found = _futures_in(x)
+        for f in found:
+            out.setdefault(f.key, f)
+    return list(out.values())
+
+
+def _reporter(
+    done_q: queue.SimpleQueue[tuple[str, Future]], name: str
+) -> Callable[[Future], None]:
+    def report(f: Future) -> None:
+        done_q.put((name, f))
+
+    return report
+
+
+def _tqdm_class(notebook: bool | None) -> Any:
+    if notebook is None:
+        from tqdm.auto import tqdm
+    elif notebook:
+        from tqdm.notebook import tqdm
+    else:
+        from tqdm import tqdm
+    return tqdm
+
+
+def _seconds(value: Any) -> float:
+    """``0.1``, ``"100ms"``, ``"1s"`` -> seconds."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    for unit, scale in (("ms", 1e-3), ("s", 1.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    return float(text)

@@ -70,9 +70,10 @@ def run_task(
     key: str,
     fn_frames: list[Any] | None,
     args_frames: list[Any],
-    lookup: Callable[[str], Any],
+    lookup: Callable[[str], Any] | None,
     functions: FunctionCache,
 ) -> Outcome:
+    """Run one task; ``lookup`` resolves dependencies (None: the task has none)."""
     out = Outcome(key)
     start = time.perf_counter()
     try:
@@ -80,7 +81,10 @@ def run_task(
             value = serialize.loads(args_frames)
         else:
             fn = functions.get(fn_frames[0])
-            args, kwargs = serialize.loads_args(args_frames, lookup)
+            if lookup is None:
+                args, kwargs = serialize.loads(args_frames)
+            else:
+                args, kwargs = serialize.loads_args(args_frames, lookup)
             value = fn(*args, **kwargs)
     except BaseException as exc:
         out.duration = time.perf_counter() - start

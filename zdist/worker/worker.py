@@ -65,7 +65,7 @@ class WorkerConfig:
 
 
 class _Task:
-    __slots__ = ("args", "cancelled", "fn", "inline", "key", "missing")
+    __slots__ = ("args", "cancelled", "fn", "has_deps", "inline", "key", "missing")
 
     def __init__(self, key: str, fn: list[Any] | None, args: list[Any]) -> None:
         self.key = key
@@ -131,6 +131,7 @@ class Worker:
         self._ready: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._done: deque[Any] = deque()
         self._wake_r, self._wake_w = os.pipe()
+        self._wake_pending = False
         os.set_blocking(self._wake_r, False)
         self._results: list[Any] = []
         self._result_frames = P.FrameList()
@@ -384,10 +385,19 @@ class Worker:
 
     def _on_run_tasks(self, msg: P.RunTasks, payload: list[Any]) -> None:
         fetch: dict[str, list[str]] = {}
+        # A map's tasks share one function frame: copy it to bytes once per message
+        # (bytes cache their hash, which the function cache is keyed by).
+        functions: dict[tuple[int, int], list[Any]] = {}
         for entry in msg.tasks:
             key, fn_ref, args_ref, deps, _resources = entry
-            fn = None if fn_ref is None else P.ref_frames(payload, fn_ref)
+            fn = None
+            if fn_ref is not None:
+                fn = functions.get((fn_ref[0], fn_ref[1]))
+                if fn is None:
+                    fn = [bytes(f) for f in P.ref_frames(payload, fn_ref)]
+                    functions[(fn_ref[0], fn_ref[1])] = fn
             t = _Task(key, fn, P.ref_frames(payload, args_ref))
+            t.has_deps = bool(deps)
             for dep, where in deps:
                 if isinstance(where, list):
                     t.inline[dep] = P.ref_frames(payload, where)
@@ -454,7 +464,10 @@ class Worker:
                     continue
                 self._executing.add(t.key)
             context.set_current(self, t.key)
-            out = run_task(t.key, t.fn, t.args, self._lookup_for(t), self._functions)
+            out = run_task(
+                t.key, t.fn, t.args,
+                self._lookup_for(t) if t.has_deps else None, self._functions,
+            )
             context.set_current(self)
             self._done.append(("task", out))
             self._wake()
@@ -701,12 +714,17 @@ class Worker:
         return int(min(self.heartbeat_interval, 0.25) * 1000)
 
     def _wake(self) -> None:
+        # One byte per loop turn is enough: tasks finishing in a burst wake it once.
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         try:
             os.write(self._wake_w, b"x")
         except OSError:
             pass
 
     def _drain_wake(self) -> None:
+        self._wake_pending = False
         try:
             while os.read(self._wake_r, 4096):
                 pass
