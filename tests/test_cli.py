@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import tasks
-from utils import wait_for
+from utils import wait_for, zproc
 
 from zdist import Client
 
@@ -23,8 +23,8 @@ PY = sys.executable
 
 
 def start_broker(*args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [PY, "-m", "zdist.broker", "--port", "0", *args],
+    proc = zproc(
+        ["zdist.broker", "--port", "0", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     line = proc.stdout.readline()  # type: ignore[union-attr]
@@ -36,7 +36,7 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
     if proc.poll() is None:
         proc.send_signal(sig)
     code = proc.wait(15)
-    for f in (proc.stdout, proc.stderr):
+    for f in (proc.stdin, proc.stdout, proc.stderr):
         if f is not None:
             f.close()
     return code
@@ -61,7 +61,7 @@ def test_broker_writes_private_scheduler_file(broker) -> None:
 
 def test_workers_and_client_through_scheduler_file(broker) -> None:
     proc, address, sf = broker
-    worker = subprocess.Popen([PY, "-m", "zdist.worker", "--scheduler-file", sf,
+    worker = zproc(["zdist.worker", "--scheduler-file", sf,
                                "--nworkers", "2", "--nthreads", "1", "--name", "cli"])
     try:
         with Client(scheduler_file=sf) as c:
@@ -78,7 +78,7 @@ def test_workers_and_client_through_scheduler_file(broker) -> None:
 
 def test_worker_waits_for_scheduler_file_to_appear(tmp_path) -> None:
     sf = str(tmp_path / "later.json")
-    worker = subprocess.Popen([PY, "-m", "zdist.worker", "--scheduler-file", sf,
+    worker = zproc(["zdist.worker", "--scheduler-file", sf,
                                "--nthreads", "1"])
     try:
         proc, _ = start_broker("--scheduler-file", sf)
@@ -166,7 +166,7 @@ def test_interface_option_binds_that_address(tmp_path) -> None:
 
 def test_resources_option(broker) -> None:
     _, _, sf = broker
-    worker = subprocess.Popen([PY, "-m", "zdist.worker", "--scheduler-file", sf,
+    worker = zproc(["zdist.worker", "--scheduler-file", sf,
                                "--resources", "GPU=2 MEM=10e9", "--nthreads", "2"])
     try:
         with Client(scheduler_file=sf) as c:
@@ -181,7 +181,7 @@ def test_resources_option(broker) -> None:
 def test_worker_sets_single_threaded_blas(broker) -> None:
     _, _, sf = broker
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    worker = subprocess.Popen([PY, "-m", "zdist.worker", "--scheduler-file", sf], env=env)
+    worker = zproc(["zdist.worker", "--scheduler-file", sf], env=env)
     try:
         with Client(scheduler_file=sf) as c:
             c.wait_for_workers(1, timeout=30)
@@ -193,7 +193,7 @@ def test_worker_sets_single_threaded_blas(broker) -> None:
 
 def test_nanny_restarts_a_crashed_worker(broker) -> None:
     _, _, sf = broker
-    worker = subprocess.Popen([PY, "-m", "zdist.worker", "--scheduler-file", sf])
+    worker = zproc(["zdist.worker", "--scheduler-file", sf])
     try:
         with Client(scheduler_file=sf) as c:
             c.wait_for_workers(1, timeout=30)
@@ -258,7 +258,7 @@ def _alive(pid: int) -> bool:
 def test_sigterm_hands_off_needed_results_instead_of_recomputing(broker, tmp_path) -> None:
     _, _, sf = broker
     runs = tmp_path / "runs.txt"
-    leaving = subprocess.Popen([PY, "-m", "zdist.worker", "--scheduler-file", sf,
+    leaving = zproc(["zdist.worker", "--scheduler-file", sf,
                                 "--name", "leaving", "--nthreads", "1"])
     staying = None
     try:
@@ -266,7 +266,7 @@ def test_sigterm_hands_off_needed_results_instead_of_recomputing(broker, tmp_pat
             c.wait_for_workers(1, timeout=30)
             x = c.submit(tasks.counted_bytes, str(runs), 2_000_000, pure=False)
             x.result()
-            staying = subprocess.Popen([PY, "-m", "zdist.worker", "--scheduler-file", sf,
+            staying = zproc(["zdist.worker", "--scheduler-file", sf,
                                         "--name", "staying", "--nthreads", "1"])
             c.wait_for_workers(2, timeout=30)
             assert stop(leaving) == 0
@@ -292,7 +292,7 @@ def test_gpu_auto_starts_one_pinned_worker_per_gpu(broker, tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
     _, _, sf = broker
-    worker = subprocess.Popen([PY, "-m", "zdist.worker", "--scheduler-file", sf,
+    worker = zproc(["zdist.worker", "--scheduler-file", sf,
                                "--resources", "GPU=auto", "--name", "gpu"], env=env)
     try:
         with Client(scheduler_file=sf) as c:

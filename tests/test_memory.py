@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import tasks
-from utils import wait_for
+from utils import wait_for, zproc
 
 from zdist import Client, wait
 from zdist.worker.memory import SpillBuffer
@@ -34,7 +34,7 @@ def test_spill_buffer_moves_least_recently_used_to_disk(tmp_path) -> None:
 
 
 def _start_broker(sf: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "zdist.broker", "--port", "0",
+    proc = zproc(["zdist.broker", "--port", "0",
                              "--scheduler-file", sf], stdout=subprocess.PIPE, text=True)
     assert "listening" in proc.stdout.readline()  # type: ignore[union-attr]
     return proc
@@ -45,15 +45,16 @@ def _stop(*procs: subprocess.Popen) -> None:
         if p.poll() is None:
             p.terminate()
         p.wait(20)
-        if p.stdout:
-            p.stdout.close()
+        for f in (p.stdin, p.stdout):
+            if f:
+                f.close()
 
 
 def test_worker_spills_results_beyond_target_and_reads_them_back(tmp_path) -> None:
     sf = str(tmp_path / "s.json")
     broker = _start_broker(sf)
     # 100 MB limit: results beyond 60 MB go to disk.
-    worker = subprocess.Popen([sys.executable, "-m", "zdist.worker", "--scheduler-file", sf,
+    worker = zproc(["zdist.worker", "--scheduler-file", sf,
                                "--memory-limit", "100MB", "--memory-pause-fraction", "false",
                                "--memory-spill-fraction", "false",
                                "--memory-terminate-fraction", "false",
@@ -79,7 +80,7 @@ def _spilled() -> int:
 def test_supervisor_restarts_worker_above_terminate_fraction(tmp_path) -> None:
     sf = str(tmp_path / "s.json")
     broker = _start_broker(sf)
-    worker = subprocess.Popen([sys.executable, "-m", "zdist.worker", "--scheduler-file", sf,
+    worker = zproc(["zdist.worker", "--scheduler-file", sf,
                                "--memory-limit", "300MB", "--memory-target-fraction", "false",
                                "--memory-spill-fraction", "false",
                                "--memory-pause-fraction", "false"])
@@ -112,7 +113,7 @@ def _hold_memory(n: int) -> int:
 def test_worker_pauses_above_pause_fraction(tmp_path) -> None:
     sf = str(tmp_path / "s.json")
     broker = _start_broker(sf)
-    worker = subprocess.Popen([sys.executable, "-m", "zdist.worker", "--scheduler-file", sf,
+    worker = zproc(["zdist.worker", "--scheduler-file", sf,
                                "--memory-limit", "200MB", "--memory-target-fraction", "false",
                                "--memory-spill-fraction", "false",
                                "--memory-terminate-fraction", "false"])

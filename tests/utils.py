@@ -18,3 +18,13 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def zproc(argv: list[str], **kwargs: Any) -> "subprocess.Popen[Any]":
+    """Start ``python -m argv[0] --lifeline argv[1:]`` with stdin as its lifeline, so
+    it exits even if this test process is killed before its teardown runs."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", argv[0], "--lifeline", *argv[1:]],
+                            stdin=subprocess.PIPE, **kwargs)

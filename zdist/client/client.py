@@ -44,6 +44,9 @@ class Client:
     started with ``--no-security``).
     """
 
+    #: dask's get_scheduler reads this when given ``scheduler=client``.
+    asynchronous = False
+
     def __init__(
         self,
         address: Any = None,

@@ -202,8 +202,22 @@ def progress(
             for f in members:
                 f.add_done_callback(report)
         # Only this thread touches the bars: callbacks run on the client's I/O thread.
-        for _ in range(len(fs)):
-            name, f = done_q.get()
+        # tqdm skips drawing updates that come faster than ``mininterval``; a burst
+        # followed by a quiet spell would leave a bar behind, so redraw it then.
+        # On a terminal, the elapsed time also ticks while nothing finishes.
+        isatty = getattr(kwargs["file"], "isatty", None)
+        tick = _TICK if isatty is not None and isatty() else None
+        remaining = len(fs)
+        behind: set[str] = set()
+        while remaining:
+            try:
+                name, f = done_q.get(timeout=_REDRAW_AFTER if behind else tick)
+            except queue.Empty:
+                for name in behind or bars:
+                    bars[name].refresh()
+                behind.clear()
+                continue
+            remaining -= 1
             bar = bars[name]
             status = f.status
             if status != "finished":
@@ -214,10 +228,18 @@ def progress(
                 if hasattr(bar, "colour"):
                     bar.colour = "red"
             bar.update(1)
+            if getattr(bar, "last_print_n", bar.n) != bar.n:
+                behind.add(name)
     finally:
         # Bottom bar first: closing a positioned bar moves the cursor below it.
         for bar in reversed(list(bars.values())):
             bar.close()
+
+
+#: Seconds without news after which progress() draws bars tqdm left behind.
+_REDRAW_AFTER = 0.2
+#: Seconds between redraws of idle bars on a terminal (their clocks move).
+_TICK = 1.0
 
 
 def _progress_futures(objs: tuple[Any, ...]) -> list[Future]:
