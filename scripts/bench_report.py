@@ -45,6 +45,8 @@ ROWS: dict[str, RowSpec] = {
         RowSpec("W8", "W8 scale, total time", "s", False),
         RowSpec("W8-rate", "W8 scale, throughput", "tasks/s", True),
         RowSpec("W8-mem", "W8 scheduler memory per task", "bytes/task", False),
+        RowSpec("W9-idle", "W9 idle broker CPU, many workers", "% of a core", False),
+        RowSpec("W9-rate", "W9 dispatch across many workers", "tasks/s", True),
         RowSpec("W10", "W10 dask.array (x + x.T).mean()", "s", False),
         RowSpec("SEC-W1", "Security cost on W1", "% slower with security", False),
         RowSpec("SEC-W2", "Security cost on W2", "% slower with security", False),
@@ -116,6 +118,8 @@ def target_for(
         return "completes", None if z is None else True
     if row == "W8-mem":
         return "<= 1x dask", ratio_at_most(d, 1)
+    if row == "W9-idle":
+        return "< 10% of a core", None if z is None else z < 10
     if row in ("SEC-W1", "SEC-W2"):
         return "< 10%", None if z is None else z < 10
     return "", None

@@ -159,11 +159,11 @@ def render(view: dict[str, Any]) -> str:
     workers = view["workers"]
     threads = sum(w["nthreads"] for w in workers)
     lines = [
-        f"broker {view['address']}: {len(workers)} workers, {threads} threads, "
-        f"{view.get('n_clients') or 0} clients"
+        f"broker {view['address']} | workers {len(workers)} | threads {threads} "
+        f"| clients {view.get('n_clients') or 0}"
     ]
     if view.get("time"):
-        lines[0] += time.strftime("  (%Y-%m-%d %H:%M:%S)", time.localtime(view["time"]))
+        lines[0] += time.strftime(" | %Y-%m-%d %H:%M:%S", time.localtime(view["time"]))
     if view.get("dashboard"):
         lines.append(f"dashboard: {view['dashboard']}")
     lines.append("")
