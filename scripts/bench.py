@@ -530,7 +530,10 @@ def w9_many_workers(sizes: Sizes) -> Result:
     out = run_w9(sizes.w9_workers, sizes.w9_tasks, idle=sizes.w9_idle_s)
     check(out["workers_seen"], sizes.w9_workers, "W9 workers registered")
     check(out["sim_tasks_done"], sizes.w9_tasks, "W9 tasks answered")
-    return {"W9-idle": 100 * out["idle_broker_cpu_share"], "W9-rate": out["tasks_per_s"]}
+    return {
+        "W9-idle": 100 * out["idle_broker_cpu_share"],
+        "W9-rate": out["tasks_per_s"],
+    }
 
 
 # ----------------------------------------------------------------------- runner
@@ -756,8 +759,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "W9" in args.only_set and "zdist" in args.backend_list:
         # One repetition, no warm-up: it starts its own broker and 1,000 sockets.
-        runner.repeat("zdist", "W9", lambda: w9_many_workers(sizes), reps=1,
-                      warmup=False)
+        runner.repeat(
+            "zdist", "W9", lambda: w9_many_workers(sizes), reps=1, warmup=False
+        )
     runner.derive_security_cost()
     leftovers = reap_leftovers()
 

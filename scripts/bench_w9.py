@@ -19,7 +19,8 @@ from typing import Any
 
 import zmq
 
-from zdist import Client, protocol as P
+from zdist import Client
+from zdist import protocol as P
 from zdist.client.local import BrokerProcess
 from zdist.security import Security
 
@@ -55,17 +56,32 @@ class SimulatedWorkers:
 
     def start(self) -> None:
         for i, s in enumerate(self.socks):
-            s.send_multipart(P.encode(P.RegisterWorker(
-                f"sim-{i}", 1, 0, {}, f"tcp://127.0.0.1:{10000 + i}", "sim", os.getpid(),
-                "/tmp", {}, [])))
+            s.send_multipart(
+                P.encode(
+                    P.RegisterWorker(
+                        f"sim-{i}",
+                        1,
+                        0,
+                        {},
+                        f"tcp://127.0.0.1:{10000 + i}",
+                        "sim",
+                        os.getpid(),
+                        "/tmp",
+                        {},
+                        [],
+                    )
+                )
+            )
         self.thread.start()
 
     def _run(self) -> None:
         poller = zmq.Poller()
         for s in self.socks:
             poller.register(s, zmq.POLLIN)
-        next_beat = [time.monotonic() + self.interval * (i / len(self.socks))
-                     for i in range(len(self.socks))]
+        next_beat = [
+            time.monotonic() + self.interval * (i / len(self.socks))
+            for i in range(len(self.socks))
+        ]
         while not self._stop.is_set():
             for sock, _ in poller.poll(50):
                 while True:
@@ -81,8 +97,17 @@ class SimulatedWorkers:
                         results, fl = [], P.FrameList()
                         for key, *_ in msg.tasks:
                             ref = fl.add([NONE_PICKLE])
-                            results.append([key, "memory", len(NONE_PICKLE), "NoneType",
-                                            ref, "", 0.0])
+                            results.append(
+                                [
+                                    key,
+                                    "memory",
+                                    len(NONE_PICKLE),
+                                    "NoneType",
+                                    ref,
+                                    "",
+                                    0.0,
+                                ]
+                            )
                         sock.send_multipart(P.encode(P.TaskResults(results), fl.frames))
                         self.tasks_done += len(results)
             now = time.monotonic()
@@ -99,8 +124,9 @@ class SimulatedWorkers:
         self.ctx.term()
 
 
-def run_w9(workers: int = 1000, tasks: int = 100_000, idle: float = 10.0,
-           security: bool = True) -> dict[str, Any]:
+def run_w9(
+    workers: int = 1000, tasks: int = 100_000, idle: float = 10.0, security: bool = True
+) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = workers * 2 + 256
     if soft < need:
@@ -110,8 +136,9 @@ def run_w9(workers: int = 1000, tasks: int = 100_000, idle: float = 10.0,
     sim = SimulatedWorkers(broker.address, sec, workers)
     try:
         sim.start()
-        client = Client(broker.address, security=sec or False, set_as_default=False,
-                        timeout=120)
+        client = Client(
+            broker.address, security=sec or False, set_as_default=False, timeout=120
+        )
         t0 = time.monotonic()
         client.wait_for_workers(workers, timeout=300)
         registered_after = time.monotonic() - t0

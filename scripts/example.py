@@ -16,7 +16,10 @@ def slow_increment(x: int) -> int:
 
 
 def main() -> None:
-    with LocalCluster(n_workers=2, threads_per_worker=1) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1) as cluster,
+        Client(cluster) as client,
+    ):
         print(cluster)
         future = client.submit(lambda x: x + 1, 10)
         print("submit(lambda x: x + 1, 10).result() =", future.result())
@@ -27,7 +30,10 @@ def main() -> None:
 
         dsk = {"a": 1, "b": (slow_increment, "a"), "c": (operator.mul, "b", 21)}
         print("get(dsk, 'c') =", client.get(dsk, "c"))
-        print("workers:", sorted(w["name"] for w in client.scheduler_info()["workers"].values()))
+        print(
+            "workers:",
+            sorted(w["name"] for w in client.scheduler_info()["workers"].values()),
+        )
 
 
 if __name__ == "__main__":

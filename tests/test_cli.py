@@ -25,7 +25,9 @@ PY = sys.executable
 def start_broker(*args: str) -> tuple[subprocess.Popen, str]:
     proc = zproc(
         ["zdist.broker", "--port", "0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     line = proc.stdout.readline()  # type: ignore[union-attr]
     assert "listening at tcp://" in line, proc.stderr.read()  # type: ignore[union-attr]
@@ -55,14 +57,29 @@ def test_broker_writes_private_scheduler_file(broker) -> None:
     assert stat.S_IMODE(os.stat(sf).st_mode) == 0o600
     info = json.load(open(sf))
     assert info["address"] == address
-    assert set(info["security"]) == {"server_public", "server_secret", "member_public",
-                                     "member_secret"}
+    assert set(info["security"]) == {
+        "server_public",
+        "server_secret",
+        "member_public",
+        "member_secret",
+    }
 
 
 def test_workers_and_client_through_scheduler_file(broker) -> None:
     proc, address, sf = broker
-    worker = zproc(["zdist.worker", "--scheduler-file", sf,
-                               "--nworkers", "2", "--nthreads", "1", "--name", "cli"])
+    worker = zproc(
+        [
+            "zdist.worker",
+            "--scheduler-file",
+            sf,
+            "--nworkers",
+            "2",
+            "--nthreads",
+            "1",
+            "--name",
+            "cli",
+        ]
+    )
     try:
         with Client(scheduler_file=sf) as c:
             c.wait_for_workers(2, timeout=30)
@@ -78,8 +95,7 @@ def test_workers_and_client_through_scheduler_file(broker) -> None:
 
 def test_worker_waits_for_scheduler_file_to_appear(tmp_path) -> None:
     sf = str(tmp_path / "later.json")
-    worker = zproc(["zdist.worker", "--scheduler-file", sf,
-                               "--nthreads", "1"])
+    worker = zproc(["zdist.worker", "--scheduler-file", sf, "--nthreads", "1"])
     try:
         proc, _ = start_broker("--scheduler-file", sf)
         try:
@@ -97,27 +113,52 @@ def test_worker_death_timeout_exits(tmp_path) -> None:
     proc, address = start_broker("--scheduler-file", str(sf))
     stop(proc)
     worker = subprocess.run(
-        [PY, "-m", "zdist.worker", "--scheduler-file", str(sf), "--death-timeout", "1",
-         "--no-nanny"],
-        capture_output=True, text=True, timeout=30,
+        [
+            PY,
+            "-m",
+            "zdist.worker",
+            "--scheduler-file",
+            str(sf),
+            "--death-timeout",
+            "1",
+            "--no-nanny",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert worker.returncode == 0
     assert "no broker" in worker.stderr
 
 
 def test_broker_without_a_way_to_share_keys_is_refused() -> None:
-    out = subprocess.run([PY, "-m", "zdist.broker", "--port", "0"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [PY, "-m", "zdist.broker", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode != 0
     assert "--scheduler-file" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_help_texts() -> None:
-    for mod, words in (("zdist.broker", ["--scheduler-file", "--interface", "--port"]),
-                       ("zdist.worker", ["--nworkers", "--resources", "--death-timeout",
-                                         "--memory-limit", "--local-directory"])):
-        out = subprocess.run([PY, "-m", mod, "--help"], capture_output=True, text=True,
-                             timeout=30)
+    for mod, words in (
+        ("zdist.broker", ["--scheduler-file", "--interface", "--port"]),
+        (
+            "zdist.worker",
+            [
+                "--nworkers",
+                "--resources",
+                "--death-timeout",
+                "--memory-limit",
+                "--local-directory",
+            ],
+        ),
+    ):
+        out = subprocess.run(
+            [PY, "-m", mod, "--help"], capture_output=True, text=True, timeout=30
+        )
         assert out.returncode == 0
         for w in words:
             assert w in out.stdout
@@ -125,17 +166,30 @@ def test_help_texts() -> None:
 
 def test_missing_scheduler_file_is_a_clear_error(tmp_path) -> None:
     out = subprocess.run(
-        [PY, "-m", "zdist.worker", "--scheduler-file", str(tmp_path / "none.json"),
-         "--death-timeout", "0.5"],
-        capture_output=True, text=True, timeout=30,
+        [
+            PY,
+            "-m",
+            "zdist.worker",
+            "--scheduler-file",
+            str(tmp_path / "none.json"),
+            "--death-timeout",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode != 0
     assert "did not appear" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_wrong_address_is_a_clear_error() -> None:
-    out = subprocess.run([PY, "-m", "zdist.worker", "localhost:1234", "--no-security"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [PY, "-m", "zdist.worker", "localhost:1234", "--no-security"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode != 0
     assert "tcp://host:port" in out.stderr and "Traceback" not in out.stderr
 
@@ -145,17 +199,23 @@ def test_port_in_use_is_a_clear_error() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        out = subprocess.run([PY, "-m", "zdist.broker", "--port", str(port),
-                              "--no-security"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [PY, "-m", "zdist.broker", "--port", str(port), "--no-security"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert out.returncode != 0
     assert "already in use" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_interface_option_binds_that_address(tmp_path) -> None:
-    out = subprocess.run([PY, "-m", "zdist.broker", "--interface", "nosuch0",
-                          "--no-security"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [PY, "-m", "zdist.broker", "--interface", "nosuch0", "--no-security"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode != 0 and "nosuch0" in out.stderr
     proc, address = start_broker("--interface", "lo", "--no-security")
     try:
@@ -166,8 +226,17 @@ def test_interface_option_binds_that_address(tmp_path) -> None:
 
 def test_resources_option(broker) -> None:
     _, _, sf = broker
-    worker = zproc(["zdist.worker", "--scheduler-file", sf,
-                               "--resources", "GPU=2 MEM=10e9", "--nthreads", "2"])
+    worker = zproc(
+        [
+            "zdist.worker",
+            "--scheduler-file",
+            sf,
+            "--resources",
+            "GPU=2 MEM=10e9",
+            "--nthreads",
+            "2",
+        ]
+    )
     try:
         with Client(scheduler_file=sf) as c:
             c.wait_for_workers(1, timeout=30)
@@ -224,16 +293,23 @@ def test_broker_killed_worker_processes_follow_lifeline(tmp_path) -> None:
     parent = subprocess.Popen([PY, "-c", script], stdout=subprocess.PIPE, text=True)
     broker_pid = int(parent.stdout.readline())  # type: ignore[union-attr]
     children = _descendants(parent.pid)
-    assert broker_pid in children and len(children) >= 5  # broker + 2 x (nanny + worker)
+    assert (
+        broker_pid in children and len(children) >= 5
+    )  # broker + 2 x (nanny + worker)
     parent.kill()
     parent.wait()
     parent.stdout.close()  # type: ignore[union-attr]
-    wait_for(lambda: not any(_alive(p) for p in children), timeout=20,
-             what="every child process to exit")
+    wait_for(
+        lambda: not any(_alive(p) for p in children),
+        timeout=20,
+        what="every child process to exit",
+    )
 
 
 def _descendants(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ps", "-eo", "pid=,ppid="], capture_output=True, text=True
+    ).stdout
     kids: dict[int, list[int]] = {}
     for line in out.split("\n"):
         if line.strip():
@@ -255,19 +331,31 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_sigterm_hands_off_needed_results_instead_of_recomputing(broker, tmp_path) -> None:
+def test_sigterm_hands_off_needed_results_instead_of_recomputing(
+    broker, tmp_path
+) -> None:
     _, _, sf = broker
     runs = tmp_path / "runs.txt"
-    leaving = zproc(["zdist.worker", "--scheduler-file", sf,
-                                "--name", "leaving", "--nthreads", "1"])
+    leaving = zproc(
+        ["zdist.worker", "--scheduler-file", sf, "--name", "leaving", "--nthreads", "1"]
+    )
     staying = None
     try:
         with Client(scheduler_file=sf) as c:
             c.wait_for_workers(1, timeout=30)
             x = c.submit(tasks.counted_bytes, str(runs), 2_000_000, pure=False)
             x.result()
-            staying = zproc(["zdist.worker", "--scheduler-file", sf,
-                                        "--name", "staying", "--nthreads", "1"])
+            staying = zproc(
+                [
+                    "zdist.worker",
+                    "--scheduler-file",
+                    sf,
+                    "--name",
+                    "staying",
+                    "--nthreads",
+                    "1",
+                ]
+            )
             c.wait_for_workers(2, timeout=30)
             assert stop(leaving) == 0
             names = [w["name"] for w in c.scheduler_info()["workers"].values()]
@@ -286,14 +374,26 @@ def test_gpu_auto_starts_one_pinned_worker_per_gpu(broker, tmp_path) -> None:
     bindir = tmp_path / "bin"
     bindir.mkdir()
     fake = bindir / "nvidia-smi"
-    fake.write_text("#!/bin/sh\necho 'GPU 0: Fake A (UUID: GPU-a)'\n"
-                    "echo 'GPU 1: Fake B (UUID: GPU-b)'\n")
+    fake.write_text(
+        "#!/bin/sh\necho 'GPU 0: Fake A (UUID: GPU-a)'\n"
+        "echo 'GPU 1: Fake B (UUID: GPU-b)'\n"
+    )
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
     _, _, sf = broker
-    worker = zproc(["zdist.worker", "--scheduler-file", sf,
-                               "--resources", "GPU=auto", "--name", "gpu"], env=env)
+    worker = zproc(
+        [
+            "zdist.worker",
+            "--scheduler-file",
+            sf,
+            "--resources",
+            "GPU=auto",
+            "--name",
+            "gpu",
+        ],
+        env=env,
+    )
     try:
         with Client(scheduler_file=sf) as c:
             c.wait_for_workers(2, timeout=30)
@@ -302,13 +402,17 @@ def test_gpu_auto_starts_one_pinned_worker_per_gpu(broker, tmp_path) -> None:
             assert all(w["resources"] == {"GPU": 1.0} for w in workers)
             seen = c.run(tasks.getenv, "CUDA_VISIBLE_DEVICES")
             assert sorted(seen.values()) == ["0", "1"]
-            f = c.submit(tasks.getenv, "CUDA_VISIBLE_DEVICES", resources={"GPU": 1},
-                         pure=False)
+            f = c.submit(
+                tasks.getenv, "CUDA_VISIBLE_DEVICES", resources={"GPU": 1}, pure=False
+            )
             assert f.result() in ("0", "1")
     finally:
         stop(worker)
-    no_gpu = subprocess.run([PY, "-m", "zdist.worker", "--scheduler-file", sf,
-                             "--resources", "GPU=auto"],
-                            env={**env, "CUDA_VISIBLE_DEVICES": ""},
-                            capture_output=True, text=True, timeout=30)
+    no_gpu = subprocess.run(
+        [PY, "-m", "zdist.worker", "--scheduler-file", sf, "--resources", "GPU=auto"],
+        env={**env, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert no_gpu.returncode != 0 and "found no GPU" in no_gpu.stderr

@@ -66,7 +66,9 @@ def test_tree_reduction_with_futures(client: Client) -> None:
     layer = client.map(tasks.identity, range(1000))
     while len(layer) > 1:
         layer = [
-            client.submit(tasks.add, layer[i], layer[i + 1]) if i + 1 < len(layer) else layer[i]
+            client.submit(tasks.add, layer[i], layer[i + 1])
+            if i + 1 < len(layer)
+            else layer[i]
             for i in range(0, len(layer), 2)
         ]
     assert layer[0].result() == sum(range(1000))
@@ -247,8 +249,13 @@ def test_get_worker_inside_task(client: Client) -> None:
         from zdist import get_worker
 
         w = get_worker()
-        return {"name": w.name, "address": w.address, "nthreads": w.nthreads,
-                "resources": w.resources, "dir": w.local_directory}
+        return {
+            "name": w.name,
+            "address": w.address,
+            "nthreads": w.nthreads,
+            "resources": w.resources,
+            "dir": w.local_directory,
+        }
 
     d = client.submit(describe, pure=False).result()
     assert d["address"] in client.scheduler_info()["workers"]
@@ -356,10 +363,14 @@ def test_client_without_address_starts_local_cluster() -> None:
 
 
 def test_resources() -> None:
-    with LocalCluster(n_workers=2, threads_per_worker=2, resources={"GPU": 1}) as cl, \
-            Client(cl) as c:
-        futures = [c.submit(_concurrency_probe, i, resources={"GPU": 1}, pure=False)
-                   for i in range(4)]
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=2, resources={"GPU": 1}) as cl,
+        Client(cl) as c,
+    ):
+        futures = [
+            c.submit(_concurrency_probe, i, resources={"GPU": 1}, pure=False)
+            for i in range(4)
+        ]
         spans = c.gather(futures)
         # At most one GPU task at a time per worker: intervals on one worker never overlap.
         by_worker: dict = {}
@@ -381,6 +392,8 @@ def _concurrency_probe(i: int) -> tuple:
 
 
 def test_threads_mode_local_cluster() -> None:
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False) as cl, \
-            Client(cl) as c:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=False) as cl,
+        Client(cl) as c,
+    ):
         assert c.gather(c.map(tasks.inc, range(100))) == list(range(1, 101))

@@ -34,8 +34,11 @@ def test_spill_buffer_moves_least_recently_used_to_disk(tmp_path) -> None:
 
 
 def _start_broker(sf: str) -> subprocess.Popen:
-    proc = zproc(["zdist.broker", "--port", "0",
-                             "--scheduler-file", sf], stdout=subprocess.PIPE, text=True)
+    proc = zproc(
+        ["zdist.broker", "--port", "0", "--scheduler-file", sf],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert "listening" in proc.stdout.readline()  # type: ignore[union-attr]
     return proc
 
@@ -54,15 +57,29 @@ def test_worker_spills_results_beyond_target_and_reads_them_back(tmp_path) -> No
     sf = str(tmp_path / "s.json")
     broker = _start_broker(sf)
     # 100 MB limit: results beyond 60 MB go to disk.
-    worker = zproc(["zdist.worker", "--scheduler-file", sf,
-                               "--memory-limit", "100MB", "--memory-pause-fraction", "false",
-                               "--memory-spill-fraction", "false",
-                               "--memory-terminate-fraction", "false",
-                               "--local-directory", str(tmp_path / "w")])
+    worker = zproc(
+        [
+            "zdist.worker",
+            "--scheduler-file",
+            sf,
+            "--memory-limit",
+            "100MB",
+            "--memory-pause-fraction",
+            "false",
+            "--memory-spill-fraction",
+            "false",
+            "--memory-terminate-fraction",
+            "false",
+            "--local-directory",
+            str(tmp_path / "w"),
+        ]
+    )
     try:
         with Client(scheduler_file=sf) as c:
             c.wait_for_workers(1, timeout=30)
-            chunks = [c.submit(tasks.make_bytes, 10 * MB, i, pure=False) for i in range(10)]
+            chunks = [
+                c.submit(tasks.make_bytes, 10 * MB, i, pure=False) for i in range(10)
+            ]
             wait(chunks)  # 100 MB of results on a worker with a 60 MB target
             spilled = c.run(_spilled)
             assert list(spilled.values())[0] >= 4
@@ -80,10 +97,21 @@ def _spilled() -> int:
 def test_supervisor_restarts_worker_above_terminate_fraction(tmp_path) -> None:
     sf = str(tmp_path / "s.json")
     broker = _start_broker(sf)
-    worker = zproc(["zdist.worker", "--scheduler-file", sf,
-                               "--memory-limit", "300MB", "--memory-target-fraction", "false",
-                               "--memory-spill-fraction", "false",
-                               "--memory-pause-fraction", "false"])
+    worker = zproc(
+        [
+            "zdist.worker",
+            "--scheduler-file",
+            sf,
+            "--memory-limit",
+            "300MB",
+            "--memory-target-fraction",
+            "false",
+            "--memory-spill-fraction",
+            "false",
+            "--memory-pause-fraction",
+            "false",
+        ]
+    )
     try:
         with Client(scheduler_file=sf) as c:
             c.wait_for_workers(1, timeout=30)
@@ -113,10 +141,21 @@ def _hold_memory(n: int) -> int:
 def test_worker_pauses_above_pause_fraction(tmp_path) -> None:
     sf = str(tmp_path / "s.json")
     broker = _start_broker(sf)
-    worker = zproc(["zdist.worker", "--scheduler-file", sf,
-                               "--memory-limit", "200MB", "--memory-target-fraction", "false",
-                               "--memory-spill-fraction", "false",
-                               "--memory-terminate-fraction", "false"])
+    worker = zproc(
+        [
+            "zdist.worker",
+            "--scheduler-file",
+            sf,
+            "--memory-limit",
+            "200MB",
+            "--memory-target-fraction",
+            "false",
+            "--memory-spill-fraction",
+            "false",
+            "--memory-terminate-fraction",
+            "false",
+        ]
+    )
     try:
         with Client(scheduler_file=sf) as c:
             c.wait_for_workers(1, timeout=30)

@@ -7,8 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
-             what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.01,
+    what: str = "condition",
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -26,5 +30,8 @@ def zproc(argv: list[str], **kwargs: Any) -> "subprocess.Popen[Any]":
     import subprocess
     import sys
 
-    return subprocess.Popen([sys.executable, "-m", argv[0], "--lifeline", *argv[1:]],
-                            stdin=subprocess.PIPE, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", argv[0], "--lifeline", *argv[1:]],
+        stdin=subprocess.PIPE,
+        **kwargs,
+    )

@@ -15,7 +15,9 @@ class LogBuffer(logging.Handler):
     def __init__(self, length: int = LOG_LENGTH) -> None:
         super().__init__(logging.INFO)
         self.records: deque[tuple[str, str]] = deque(maxlen=length)
-        self.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        self.setFormatter(
+            logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+        )
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

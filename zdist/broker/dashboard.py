@@ -100,7 +100,9 @@ def _make_handler(dash: Dashboard) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             route = urlsplit(self.path).path
             if not dash.authorised(self.path, self.headers):
-                self._reply(403, b"forbidden: this dashboard needs its token\n", "text/plain")
+                self._reply(
+                    403, b"forbidden: this dashboard needs its token\n", "text/plain"
+                )
             elif route in ("/", "/status"):
                 self._reply(200, PAGE.read_bytes(), "text/html; charset=utf-8")
             elif route == "/api/status":

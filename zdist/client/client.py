@@ -99,7 +99,11 @@ class Client:
         self.id = f"Client-{uuid.uuid4()}"
         self.name = name or self.id
         self._conn = Connection(
-            address, self.security, self._on_message, self._on_lost, timeout,
+            address,
+            self.security,
+            self._on_message,
+            self._on_lost,
+            timeout,
             self._take_releases,
         )
         welcome = self._conn.start(P.RegisterClient(self.name, versions()))
@@ -727,12 +731,20 @@ class Client:
         link = getattr(self.cluster, "dashboard_link", None)
         return link or self.scheduler_info().get("dashboard") or None
 
-    def get_task_stream(self, start: float | None = None, stop: float | None = None,
-                        count: int | None = None) -> list[dict[str, Any]]:
+    def get_task_stream(
+        self,
+        start: float | None = None,
+        stop: float | None = None,
+        count: int | None = None,
+    ) -> list[dict[str, Any]]:
         """Recent task runs: key, group, worker, start, stop (epoch seconds), status."""
         stream = self._info("task_stream")["stream"]
-        stream = [t for t in stream if (start is None or t["stop"] >= start)
-                  and (stop is None or t["start"] <= stop)]
+        stream = [
+            t
+            for t in stream
+            if (start is None or t["stop"] >= start)
+            and (stop is None or t["start"] <= stop)
+        ]
         return stream[-count:] if count else stream
 
     def get_scheduler_logs(self, n: int | None = None) -> list[tuple[str, str]]:
@@ -740,8 +752,9 @@ class Client:
         logs = [tuple(x) for x in self._info("logs")["logs"]]
         return logs[-n:] if n else logs
 
-    def get_worker_logs(self, n: int | None = None, workers: Any = None
-                        ) -> dict[str, list[tuple[str, str]]]:
+    def get_worker_logs(
+        self, n: int | None = None, workers: Any = None
+    ) -> dict[str, list[tuple[str, str]]]:
         """Each worker's recent log records as (level, line), by worker address."""
         return self.run(_worker_logs, n, workers=workers)
 

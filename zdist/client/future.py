@@ -32,8 +32,16 @@ _NO_VALUE = object()
 class FutureState:
     """Shared by every Future of one key; set by the client's I/O thread."""
 
-    __slots__ = ("_event", "_value", "callbacks", "done", "frames", "lock", "status",
-                 "text")
+    __slots__ = (
+        "_event",
+        "_value",
+        "callbacks",
+        "done",
+        "frames",
+        "lock",
+        "status",
+        "text",
+    )
 
     def __init__(self) -> None:
         self.status = "pending"

@@ -73,10 +73,17 @@ def detect_gpus() -> list[str]:
     """Visible GPUs: CUDA_VISIBLE_DEVICES if set, else the ids ``nvidia-smi -L`` lists."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+        return [
+            d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"
+        ]
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
-                             timeout=30, check=False).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "-L"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [m.group(1) for m in re.finditer(r"^GPU (\d+):", out, re.M)]

@@ -465,8 +465,11 @@ class Worker:
                 self._executing.add(t.key)
             context.set_current(self, t.key)
             out = run_task(
-                t.key, t.fn, t.args,
-                self._lookup_for(t) if t.has_deps else None, self._functions,
+                t.key,
+                t.fn,
+                t.args,
+                self._lookup_for(t) if t.has_deps else None,
+                self._functions,
             )
             context.set_current(self)
             self._done.append(("task", out))
