@@ -63,7 +63,12 @@ class Terminal:
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
         self.proc = subprocess.Popen(
-            argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, close_fds=True,
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=cwd,
+            close_fds=True,
             env={**os.environ, "TERM": "xterm"},
         )
         os.close(slave)
@@ -119,7 +124,7 @@ def test_progress_bar_in_a_terminal_moves_and_completes(tmp_path: Path) -> None:
     finally:
         gate.touch()
         term.close()
-    assert seen_while_gated, f"no intermediate percentage before the gate: {out[-2000:]}"
+    assert seen_while_gated, f"no percentage below 100% before the gate: {out[-2000:]}"
     # All 200 tasks share the group "step": one bar, which reaches 100%.
     assert "step" in out
     assert re.search(r"step: +100%\|[^\n]*\| 200/200", out), out[-2000:]

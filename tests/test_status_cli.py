@@ -43,13 +43,30 @@ def gated(gate: str) -> Callable[[int], int]:
 def cluster_files(tmp_path: Path) -> Iterator[str]:
     sf = str(tmp_path / "scheduler.json")
     broker, _ = start_broker(
-        "--scheduler-file", sf, "--heartbeat-interval", "0.2",
-        "--dashboard-address", "none",
+        "--scheduler-file",
+        sf,
+        "--heartbeat-interval",
+        "0.2",
+        "--dashboard-address",
+        "none",
     )
     workers = subprocess.Popen(
-        [PY, "-m", "zdist.worker", "--scheduler-file", sf, "--nworkers", "2",
-         "--nthreads", "1", "--name", "st"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            PY,
+            "-m",
+            "zdist.worker",
+            "--scheduler-file",
+            sf,
+            "--nworkers",
+            "2",
+            "--nthreads",
+            "1",
+            "--name",
+            "st",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         yield sf
@@ -59,8 +76,12 @@ def cluster_files(tmp_path: Path) -> Iterator[str]:
 
 
 def status_json(sf: str) -> dict[str, Any]:
-    out = subprocess.run([ZDIST, "status", "--scheduler-file", sf, "--json"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [ZDIST, "status", "--scheduler-file", sf, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -75,13 +96,18 @@ def test_status_during_and_after_a_run(cluster_files: str, tmp_path: Path) -> No
             # Both workers busy (their heartbeats report one running task each) and
             # every task somewhere between submitted and done: the gate is shut.
             view = wait_for(
-                lambda: (v := status_json(sf))
-                and [w["running"] for w in v["workers"]] == [1, 1] and v,
-                timeout=60, what="both workers running a task",
+                lambda: (
+                    (v := status_json(sf))
+                    and [w["running"] for w in v["workers"]] == [1, 1]
+                    and v
+                ),
+                timeout=60,
+                what="both workers running a task",
             )
             assert [w["name"] for w in view["workers"]] == ["st-0", "st-1"]
-            assert all(w["nthreads"] == 1 and w["status"] == "running"
-                       for w in view["workers"])
+            assert all(
+                w["nthreads"] == 1 and w["status"] == "running" for w in view["workers"]
+            )
             tasks = view["tasks"]
             assert sum(tasks[s] for s in ACTIVE) == 20, tasks
             assert tasks["processing"] >= 2 and tasks["memory"] == 0, tasks
@@ -101,8 +127,12 @@ def test_status_during_and_after_a_run(cluster_files: str, tmp_path: Path) -> No
         assert view["groups"][0]["done"] == 20
         assert sum(w["in_memory"] for w in view["workers"]) == 20
 
-        table = subprocess.run([ZDIST, "status", "--scheduler-file", sf],
-                               capture_output=True, text=True, timeout=60)
+        table = subprocess.run(
+            [ZDIST, "status", "--scheduler-file", sf],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert table.returncode == 0, table.stderr
     text = table.stdout
     lines = text.splitlines()
@@ -118,9 +148,20 @@ def test_status_during_and_after_a_run(cluster_files: str, tmp_path: Path) -> No
 
 def test_status_watch_refreshes_until_ctrl_c(cluster_files: str) -> None:
     proc = subprocess.Popen(
-        [PY, "-m", "zdist", "status", "--scheduler-file", cluster_files, "--json",
-         "--watch", "0.2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            PY,
+            "-m",
+            "zdist",
+            "status",
+            "--scheduler-file",
+            cluster_files,
+            "--json",
+            "--watch",
+            "0.2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         views = [json.loads(proc.stdout.readline()) for _ in range(3)]  # type: ignore[union-attr]
@@ -136,8 +177,12 @@ def test_status_watch_refreshes_until_ctrl_c(cluster_files: str) -> None:
 def test_status_without_a_scheduler_file_says_so(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.json"
     for argv in ([ZDIST], [PY, "-m", "zdist"]):
-        out = subprocess.run([*argv, "status", "--scheduler-file", str(missing)],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [*argv, "status", "--scheduler-file", str(missing)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode != 0
         assert f"no scheduler file at {missing}" in out.stderr
         assert "Traceback" not in out.stderr and out.stdout == ""
@@ -147,7 +192,11 @@ def test_status_with_a_stale_scheduler_file_says_so(tmp_path: Path) -> None:
     sf = str(tmp_path / "stale.json")
     broker, _ = start_broker("--scheduler-file", sf, "--dashboard-address", "none")
     stop(broker)  # the file stays behind, naming a broker that is gone
-    out = subprocess.run([ZDIST, "status", "--scheduler-file", sf, "--timeout", "2"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [ZDIST, "status", "--scheduler-file", sf, "--timeout", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0
     assert "cannot reach the broker" in out.stderr and "Traceback" not in out.stderr

@@ -52,6 +52,9 @@ CLIENT_LIVENESS = 60
 INLINE_LIMIT = 64 * 1024
 #: Frames per message above which a receiver drops it (a 1,000,000-task graph fits).
 MAX_FRAMES_DEFAULT = 4_000_000
+#: A client sends from a second socket whose identity is its receiving socket's plus
+#: this suffix; the broker maps the two to one client.
+SENDER_SUFFIX = b"+s"
 #: Bytes per message above which a receiver drops it.
 MAX_MESSAGE_BYTES_DEFAULT = 8 * 1024**3
 

@@ -155,6 +155,8 @@ class BrokerServer:
                 return
             counters["messages_in"] += 1
             ident = frames[0].bytes
+            if ident.endswith(P.SENDER_SUFFIX):  # a client's sending socket
+                ident = ident[: -len(P.SENDER_SUFFIX)]
             try:
                 self._check_size(frames)
                 msg, payload = P.decode(frames[1:])

@@ -153,6 +153,7 @@ class Worker:
         self._last_sent = 0.0
         self._started = time.monotonic()
         self._client: Any = None
+        self._io_thread: threading.Thread | None = None
         self.exit_reason = ""
 
     # ==================================================================================
@@ -160,6 +161,7 @@ class Worker:
 
     def run(self) -> None:
         """Serve until stopped, the broker stays away past death_timeout, or lifetime."""
+        self._io_thread = threading.current_thread()
         for _ in range(self.nthreads):
             self._start_thread()
         self._connect()
@@ -408,10 +410,37 @@ class Worker:
                         fetch.setdefault(where, []).append(dep)
                     waiting.append(key)
             self.tasks[key] = t
-            if not t.missing:
+            if t.missing:
+                pass
+            elif len(msg.tasks) == 1 and self._may_run_inline(t):
+                self._run_inline(t)
+            else:
                 self._ready.put(t)
         for peer, keys in fetch.items():
             self._fetch(peer, keys)
+
+    def _may_run_inline(self, t: _Task) -> bool:
+        """A lone, known-quick task while every task thread is idle: run it here on
+        the I/O thread instead of handing it over and back (latency of one-at-a-time
+        workloads). Batches always go to the task threads, for parallelism."""
+        return (
+            t.fn is not None
+            and not self._executing
+            and self._ready.empty()
+            and not self._closing
+            and self._functions.is_quick(t.fn[0])
+        )
+
+    def _run_inline(self, t: _Task) -> None:
+        with self._claim:
+            self._executing.add(t.key)
+        context.set_current(self, t.key)
+        try:
+            out = run_task(t.key, t.fn, t.args,
+                           self._lookup_for(t) if t.has_deps else None, self._functions)
+        finally:
+            context.set_current(None)
+        self._task_done(out)
 
     def _withdraw(self, keys: list[Any], report: bool = True) -> list[str]:
         """Take back tasks that have not started (cancel, steal, hand-back)."""
@@ -482,8 +511,8 @@ class Worker:
 
     def _secede(self, key: str | None) -> None:
         th = threading.current_thread()
-        if getattr(th, "_zdist_seceded", False):
-            return
+        if getattr(th, "_zdist_seceded", False) or th is self._io_thread:
+            return  # a task run inline on the I/O thread holds no task-thread slot
         th._zdist_seceded = True  # type: ignore[attr-defined]
         self._start_thread()
         with self._threads_lock:
