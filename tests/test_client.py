@@ -397,3 +397,23 @@ def test_threads_mode_local_cluster() -> None:
         Client(cl) as c,
     ):
         assert c.gather(c.map(tasks.inc, range(100))) == list(range(1, 101))
+
+
+def test_version_mismatch_with_a_worker_is_reported(cluster: LocalCluster) -> None:
+    import zdist._version as v
+
+    real = v.versions
+
+    def other_python() -> dict:
+        return {**real(), "python": "3.9.1"}
+
+    # This client claims another Python than the broker and workers it meets.
+    import zdist.client.client as cc
+
+    cc.versions = other_python  # type: ignore[assignment]
+    try:
+        with pytest.warns(UserWarning, match=r"worker .*python 3\.9\.1 here"):
+            c = Client(cluster)
+        c.close()
+    finally:
+        cc.versions = real  # type: ignore[assignment]

@@ -109,10 +109,17 @@ class Client:
         welcome = self._conn.start(P.RegisterClient(self.name, versions()))
         self.scheduler_address = welcome.address or address
         self.status = "running"
-        bad = mismatches(versions(), welcome.versions)
+        # The seed insists on one Python everywhere: a pickled function needs the same
+        # Python and cloudpickle to load. Say so now rather than fail in a task.
+        mine = versions()
+        bad = [f"broker: {m}" for m in mismatches(mine, welcome.versions)]
+        for addr, w in self._info("scheduler_info")["workers"].items():
+            bad += [f"worker {w.get('name', addr)}: {m}"
+                    for m in mismatches(mine, w.get("versions", {}))]
         if bad:
             warnings.warn(
-                f"zdist version mismatch with the broker: {'; '.join(bad)}",
+                f"zdist version mismatch with this client ({'; '.join(bad[:5])}); "
+                f"use one Python environment everywhere",
                 UserWarning,
                 stacklevel=2,
             )
