@@ -15,9 +15,9 @@ import zmq
 from zdist import protocol as P
 from zdist._lifeline import watch_stdin
 from zdist._version import __version__
-from zdist.logs import log_buffer
 from zdist.broker.server import BrokerServer, ServerConfig
 from zdist.errors import ZdistError
+from zdist.logs import log_buffer
 from zdist.security import (
     Security,
     read_json_file,

@@ -19,274 +19,68 @@ dependents left; until then a released task can be recomputed when data is lost.
 
 from __future__ import annotations
 
-import enum
 import heapq
 import itertools
 import logging
 import pickle
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from zdist import protocol as P
-from zdist.broker.graph import TaskGraph, find_cycle
+from zdist.broker.clients import ClientSide
+from zdist.broker.graph import TaskGraph
 from zdist.broker.monitor import Monitor
-from zdist.errors import GraphError, KilledWorker
+from zdist.broker.records import (  # re-exported: the state's vocabulary
+    _ACTIVE,
+    _TRANSITIONS,
+    _WORKER_STATUSES,
+    FINAL_STATES,
+    FIRE_AND_FORGET,
+    LOCALITY_BYTES,
+    MAX_EXTRA_PER_THREAD,
+    PIPELINE_SECONDS,
+    STORY_LENGTH,
+    TRANSITION_LOG_LENGTH,
+    BrokerConfig,
+    ClientRec,
+    IllegalTransition,
+    Out,
+    Task,
+    TaskState,
+    Worker,
+    _check_resources,
+    _check_result,
+    _Pending,
+)
+from zdist.errors import KilledWorker
 
 logger = logging.getLogger(__name__)
 
-Out = tuple[bytes, P.Message, list[Any]]
+__all__ = [
+    "_ACTIVE",
+    "_TRANSITIONS",
+    "FINAL_STATES",
+    "FIRE_AND_FORGET",
+    "LOCALITY_BYTES",
+    "MAX_EXTRA_PER_THREAD",
+    "PIPELINE_SECONDS",
+    "STORY_LENGTH",
+    "TRANSITION_LOG_LENGTH",
+    "BrokerConfig",
+    "BrokerState",
+    "ClientRec",
+    "IllegalTransition",
+    "Out",
+    "Task",
+    "TaskState",
+    "Worker",
+]
 
 
-class TaskState(enum.Enum):
-    RELEASED = "released"
-    """In the graph but not computed and not scheduled (or its result was freed)."""
-    WAITING = "waiting"
-    """Some dependency is not in memory yet."""
-    READY = "ready"
-    """Every dependency is in memory; waiting for a worker slot."""
-    PROCESSING = "processing"
-    """Sent to a worker (queued or running there)."""
-    MEMORY = "memory"
-    """Finished; the result is on one or more workers (and inline here if small)."""
-    ERRED = "erred"
-    """Failed (its own exception, or a dependency's); final until forgotten."""
+class BrokerState(ClientSide):
+    """Scheduling state: tasks, workers, clients; see the module docstring."""
 
-
-FINAL_STATES = frozenset({TaskState.MEMORY, TaskState.ERRED})
-#: States in which a task still needs its dependencies' results.
-_ACTIVE = frozenset({TaskState.WAITING, TaskState.READY, TaskState.PROCESSING})
-
-_TRANSITIONS: frozenset[tuple[TaskState, TaskState]] = frozenset(
-    {
-        (TaskState.RELEASED, TaskState.WAITING),
-        (TaskState.RELEASED, TaskState.READY),
-        (TaskState.RELEASED, TaskState.ERRED),
-        (TaskState.WAITING, TaskState.READY),
-        (TaskState.WAITING, TaskState.RELEASED),
-        (TaskState.WAITING, TaskState.ERRED),
-        (TaskState.READY, TaskState.PROCESSING),
-        (TaskState.READY, TaskState.WAITING),
-        (TaskState.READY, TaskState.RELEASED),
-        (TaskState.READY, TaskState.ERRED),
-        (TaskState.PROCESSING, TaskState.MEMORY),
-        (TaskState.PROCESSING, TaskState.ERRED),
-        (TaskState.PROCESSING, TaskState.READY),
-        (TaskState.PROCESSING, TaskState.WAITING),
-        (TaskState.PROCESSING, TaskState.RELEASED),
-        (TaskState.MEMORY, TaskState.RELEASED),
-        (TaskState.MEMORY, TaskState.WAITING),
-        (TaskState.MEMORY, TaskState.READY),
-        (TaskState.ERRED, TaskState.RELEASED),
-    }
-)
-# The hot path reads these as member attributes: an Enum hashes through a Python-level
-# __hash__, and a (state, state) set lookup cost more than the rest of a transition.
-for _state in TaskState:
-    _state.allowed = tuple(b for a, b in _TRANSITIONS if a is _state)  # type: ignore[attr-defined]
-    _state.active = _state in _ACTIVE  # type: ignore[attr-defined]
-del _state
-
-#: The pseudo-client that wants fire_and_forget tasks until they finish.
-FIRE_AND_FORGET = b""
-#: Transitions kept per task in story() for debugging (dask's ``story``).
-STORY_LENGTH = 8
-#: Transitions kept in all (one log for the broker, like dask's transition_log).
-TRANSITION_LOG_LENGTH = 100_000
-#: A dependency at least this large pins its dependent to the worker holding it.
-LOCALITY_BYTES = 1_000_000
-#: Keep each worker supplied with enough queued tasks to cover this much work, so it
-#: never idles for a round trip; bounded by MAX_EXTRA_PER_THREAD for very short tasks.
-PIPELINE_SECONDS = 0.005
-MAX_EXTRA_PER_THREAD = 64
-
-
-class IllegalTransition(RuntimeError):
-    pass
-
-
-class Task:
-    __slots__ = (
-        "args",
-        "deps",
-        "error",
-        "failed_on",
-        "group",
-        "fn",
-        "inline",
-        "key",
-        "n_active",
-        "nbytes",
-        "priority",
-        "processing_on",
-        "queued",
-        "resources",
-        "restrict",
-        "retries",
-        "state",
-        "suspicious",
-        "typename",
-        "waiting_on",
-        "wanted_by",
-        "who_has",
-    )
-
-    def __init__(
-        self,
-        key: str,
-        fn: list[Any] | None,
-        args: list[Any],
-        deps: tuple[str, ...],
-        priority: tuple[int, ...],
-        retries: int = 0,
-        resources: dict[str, float] | None = None,
-        restrict: tuple[set[str], bool] | None = None,
-    ) -> None:
-        self.key = key
-        self.fn = fn
-        self.args = args
-        self.deps = deps
-        self.priority = priority
-        self.retries = retries
-        self.resources = resources or None
-        self.restrict = restrict
-        self.state = TaskState.RELEASED
-        self.waiting_on = 0
-        # Dependents in an _ACTIVE state (kept by _transition): is my result needed?
-        self.n_active = 0
-        self.who_has: set[bytes] = set()
-        self.inline: list[Any] | None = None
-        self.nbytes = 0
-        self.typename = ""
-        self.processing_on: bytes | None = None
-        self.wanted_by: set[bytes] = set()
-        self.suspicious = 0
-        self.group = ""  # dask's key_split of the key, for progress and the dashboard
-        self.failed_on: list[str] = []
-        self.error: tuple[list[Any], str] | None = None
-        self.queued = 0  # generation of its live entry in a ready queue (0: none)
-
-
-class Worker:
-    __slots__ = (
-        "address",
-        "avail",
-        "avg_duration",
-        "data",
-        "handoff",
-        "host",
-        "ident",
-        "last_seen",
-        "last_sent",
-        "local_directory",
-        "local_queue",
-        "memory_limit",
-        "metrics",
-        "name",
-        "nthreads",
-        "pid",
-        "processing",
-        "resources",
-        "seceded",
-        "status",
-        "stealing",
-        "versions",
-        "zombies",
-    )
-
-    def __init__(self, ident: bytes, msg: P.RegisterWorker, now: float) -> None:
-        self.ident = ident
-        self.name = msg.name
-        self.address = msg.data_address
-        self.host = msg.host
-        self.nthreads = max(1, msg.nthreads)
-        self.memory_limit = msg.memory_limit
-        self.resources: dict[str, float] = dict(msg.resources)
-        self.avail: dict[str, float] = dict(msg.resources)
-        self.pid = msg.pid
-        self.local_directory = msg.local_directory
-        self.versions = msg.versions
-        self.processing: dict[str, None] = {}
-        self.seceded: set[str] = set()
-        # Cancelled while running: the thread stays busy until the worker reports back.
-        self.zombies: set[str] = set()
-        # Queued here, asked back (CancelTasks) for an idle worker; see _steal().
-        self.stealing: set[str] = set()
-        # Results a retiring worker waits to see copied elsewhere before it exits.
-        self.handoff: set[str] = set()
-        self.data: set[str] = set()
-        self.local_queue: list[tuple[Any, ...]] = []
-        self.last_seen = now
-        self.last_sent = now
-        self.metrics: dict[str, Any] = {}
-        self.status = "running"
-        self.avg_duration = 0.0
-
-    def capacity(self) -> int:
-        if self.avg_duration > 0:
-            extra = int(PIPELINE_SECONDS / self.avg_duration)
-            extra = max(1, min(extra, MAX_EXTRA_PER_THREAD))
-        else:
-            extra = 2
-        return self.nthreads * (1 + extra)
-
-    def free_slots(self) -> int:
-        if self.status != "running":
-            return 0
-        return self.capacity() - self.occupancy()
-
-    def occupancy(self) -> int:
-        return len(self.processing) - len(self.seceded) + len(self.zombies)
-
-
-class ClientRec:
-    __slots__ = ("ident", "last_seen", "name", "versions", "wants")
-
-    def __init__(self, ident: bytes, name: str, versions: dict[str, Any], now: float):
-        self.ident = ident
-        self.name = name
-        self.versions = versions
-        self.wants: set[str] = set()
-        self.last_seen = now
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    address: str = ""
-    heartbeat_interval: float = P.HEARTBEAT_INTERVAL
-    liveness: int = P.WORKER_LIVENESS
-    client_heartbeat_interval: float = P.CLIENT_HEARTBEAT_INTERVAL
-    client_liveness: int = P.CLIENT_LIVENESS
-    #: dask's ``distributed.scheduler.allowed-failures``.
-    allowed_failures: int = 3
-
-
-class _Pending:
-    """A gather or run request waiting for replies."""
-
-    __slots__ = ("client", "client_request", "remaining", "results", "worker")
-
-    def __init__(
-        self,
-        client: bytes,
-        client_request: int,
-        remaining: set[Any],
-        worker: bytes = b"",
-    ):
-        self.client = client
-        self.client_request = client_request
-        self.remaining = remaining
-        self.results: list[Any] = []
-        #: For a gather: the one worker asked (only its reply is accepted).
-        self.worker = worker
-
-
-#: Statuses a worker may report in WorkerStatus.
-_WORKER_STATUSES = frozenset({"running", "paused", "closing", "retiring", "closed"})
-
-
-class BrokerState:
     def __init__(self, config: BrokerConfig, versions: dict[str, Any]) -> None:
         self.config = config
         self.versions = versions
@@ -993,436 +787,6 @@ class BrokerState:
             self._maybe_release(t)
 
     # ==================================================================================
-    # clients
-
-    def _on_register_client(
-        self, ident: bytes, msg: P.RegisterClient, payload: list[Any]
-    ) -> None:
-        old = self.clients.get(ident)
-        c = self.clients[ident] = ClientRec(ident, msg.name, msg.versions, self.now)
-        if old is not None:
-            # The same client registering again: the tasks still name it in
-            # ``wanted_by``, so it must keep wanting them (or they never get released).
-            c.wants = old.wants
-        self._send(
-            ident,
-            P.Welcome(
-                self.config.client_heartbeat_interval,
-                self.config.client_liveness,
-                self.versions,
-                self.config.address,
-            ),
-        )
-
-    def _client(self, ident: bytes) -> ClientRec | None:
-        c = self.clients.get(ident)
-        if c is None:
-            self._send(ident, P.Error(0, "unregistered"))
-        return c
-
-    def _on_submit(self, ident: bytes, msg: P.Submit, payload: list[Any]) -> None:
-        c = self._client(ident)
-        if c is None:
-            return
-        tasks = self.tasks
-        new: dict[str, tuple[Any, ...]] = {}
-        frames_cache: dict[tuple[int, int], list[Any]] = {}
-
-        def frames_for(ref: Any) -> list[Any]:
-            # One list per distinct ref, so that tasks sharing a function frame share
-            # it in RunTasks too (FrameList.add(share=True)).
-            # Types first: (True, 1) == (1, 1) would hit another ref's cache entry.
-            if (
-                type(ref) is not list
-                or len(ref) != 2
-                or type(ref[0]) is not int
-                or type(ref[1]) is not int
-            ):
-                raise P.ProtocolError(f"bad frame reference {ref!r}")
-            k = (ref[0], ref[1])
-            got = frames_cache.get(k)
-            if got is None:
-                got = frames_cache[k] = P.ref_frames(payload, ref)
-            return got
-
-        # Parse and check the whole batch before changing anything: a bad graph is
-        # rejected as a whole and nothing of it runs.
-        forward_ref = False
-        for entry in msg.tasks:
-            if not isinstance(entry, list) or len(entry) != 9:
-                raise P.ProtocolError("malformed task entry")
-            key, fn_ref, args_ref, deps, prio, retries, resources, workers, loose = (
-                entry
-            )
-            if not isinstance(key, str) or not isinstance(deps, list):
-                raise P.ProtocolError("malformed task entry")
-            for d in deps:
-                if type(d) is not str:
-                    raise P.ProtocolError("dependency keys must be strings")
-            if not _is_number(prio) or type(retries) is not int:
-                raise P.ProtocolError(f"malformed priority or retries for {key!r}")
-            if resources is not None:
-                _check_resources(resources)
-            if workers is not None and not (
-                isinstance(workers, list) and all(isinstance(x, str) for x in workers)
-            ):
-                raise P.ProtocolError(f"malformed worker restriction for {key!r}")
-            if not isinstance(loose, bool):
-                raise P.ProtocolError(f"malformed allow_other_workers for {key!r}")
-            fn = None if fn_ref is None else frames_for(fn_ref)
-            args = frames_for(args_ref)
-            if key in tasks or key in new:
-                continue  # pure dedup: the first definition wins
-            # A key named twice (an argument used twice) is one dependency: counted
-            # twice it would keep the task waiting forever.
-            if len(deps) > 1:
-                deps = list(dict.fromkeys(deps))
-            for d in deps:
-                if d not in tasks and d not in new:
-                    forward_ref = True
-            new[key] = (
-                fn,
-                args,
-                tuple(deps),
-                int(prio),
-                retries,
-                resources,
-                workers,
-                loose,
-            )
-        problem = None
-        if forward_ref:
-            dangling = sorted(
-                {
-                    d
-                    for v in new.values()
-                    for d in v[2]
-                    if d not in tasks and d not in new
-                }
-            )
-            if dangling:
-                problem = (
-                    f"the graph refers to {len(dangling)} key(s) that it does not "
-                    f"define and the broker does not hold: {', '.join(dangling[:5])}"
-                )
-            else:
-                cycle = find_cycle(
-                    (d, k) for k, v in new.items() for d in v[2] if d in new
-                )
-                if cycle:
-                    problem = (
-                        f"the graph has a cycle: {' -> '.join([*cycle, cycle[0]])}"
-                    )
-        if not all(isinstance(w, str) for w in msg.wants):
-            raise P.ProtocolError("wanted keys must be strings")
-        if problem is None:
-            for w in msg.wants:
-                if w not in tasks and w not in new:
-                    problem = (
-                        f"key {w!r} is not defined by the graph nor held by the broker"
-                    )
-                    break
-        if problem is not None:
-            err = [pickle.dumps(GraphError(problem))]
-            for w in dict.fromkeys(msg.wants):
-                self._update(ident, w, "error", err, f"GraphError: {problem}")
-            return
-        # Insert in dependency order: Kahn over the new keys (the usual case, already
-        # ordered, is one pass).
-        order = _dependency_order(new) if forward_ref else list(new)
-        seq = next(self._seq)
-        graph = self.graph
-        for i, key in enumerate(order):
-            fn, args, deps, prio, retries, resources, workers, loose = new[key]
-            restrict = None
-            if workers:
-                restrict = (set(workers), loose)
-            t = Task(key, fn, args, deps, (-prio, seq, i), retries, resources, restrict)
-            tasks[key] = t
-            graph.add(key, deps)
-            t.group = self.monitor.submitted(key)
-        for key in msg.wants:
-            t = tasks[key]
-            t.wanted_by.add(ident)
-            c.wants.add(key)
-        for key in order:
-            t = tasks[key]
-            if t.state is TaskState.RELEASED:
-                self._schedule_new(t)
-        for key in dict.fromkeys(msg.wants):
-            if key in new:
-                continue  # told by _task_finished / _fail like every new task
-            t = tasks[key]
-            if t.state is TaskState.MEMORY:
-                self._update(ident, key, "finished", t.inline, "")
-            elif t.state is TaskState.ERRED:
-                assert t.error is not None
-                self._update(ident, key, "error", t.error[0], t.error[1])
-            elif t.state is TaskState.RELEASED:
-                self._recompute(t, "wanted again")
-        for key in order:
-            nt = tasks.get(key)
-            if nt is not None:
-                self._maybe_forget(nt)
-
-    def _schedule_new(self, t: Task) -> None:
-        tasks = self.tasks
-        deps = [tasks[d] for d in t.deps]
-        erred = next((d for d in deps if d.state is TaskState.ERRED), None)
-        if erred is not None:
-            # Before recomputing any released dependency: nothing of it would be used.
-            assert erred.error is not None
-            self._fail(t, *erred.error)
-            return
-        waiting = 0
-        for dt in deps:
-            if dt.state is not TaskState.MEMORY:
-                waiting += 1
-                if dt.state is TaskState.RELEASED:
-                    self._recompute(dt, f"needed by {t.key}")
-        if t.state is TaskState.ERRED:
-            return  # a recomputed dependency failed at once (its own dependency erred)
-        t.waiting_on = waiting
-        if waiting:
-            self._transition(t, TaskState.WAITING, "submitted")
-        else:
-            self._transition(t, TaskState.READY, "submitted")
-            self._push_ready(t)
-
-    def _on_release_keys(
-        self, ident: bytes, msg: P.ReleaseKeys, payload: list[Any]
-    ) -> None:
-        c = self.clients.get(ident)
-        if c is None:
-            return
-        for key in msg.keys:
-            if not isinstance(key, str):
-                continue
-            c.wants.discard(key)
-            t = self.tasks.get(key)
-            if t is not None:
-                t.wanted_by.discard(ident)
-                self._maybe_release(t)
-
-    def _on_cancel(self, ident: bytes, msg: P.Cancel, payload: list[Any]) -> None:
-        c = self._client(ident)
-        if c is None:
-            return
-        seen: set[str] = set()
-        asked = {k for k in msg.keys if isinstance(k, str)}
-        stack = list(asked)
-        while stack:
-            key = stack.pop()
-            t = self.tasks.get(key)
-            if t is None or key in seen:
-                continue
-            seen.add(key)
-            if key in asked and not msg.force and t.wanted_by - {ident}:
-                # Others still want it (dask's force=False): only this client's
-                # future is cancelled; the task and its dependents go on.
-                clients = [ident]
-            elif key not in asked and t.state in FINAL_STATES:
-                continue
-            else:
-                clients = list(t.wanted_by)  # it will not run: cancelled for everyone
-                stack.extend(self.graph.dependents(key))
-            for cid in clients:
-                self._update(cid, key, "cancelled", None, "cancelled")
-                t.wanted_by.discard(cid)
-                rec = self.clients.get(cid)
-                if rec is not None:
-                    rec.wants.discard(key)
-        for key in seen:
-            t = self.tasks.get(key)
-            if t is not None:
-                self._maybe_release(t)
-
-    def _on_fire_and_forget(
-        self, ident: bytes, msg: P.FireAndForget, payload: list[Any]
-    ) -> None:
-        if self._client(ident) is None:
-            return
-        for key in msg.keys:
-            t = self.tasks.get(key) if isinstance(key, str) else None
-            if t is not None and t.state not in FINAL_STATES:
-                t.wanted_by.add(FIRE_AND_FORGET)
-
-    def remove_client(self, ident: bytes) -> None:
-        c = self.clients.pop(ident, None)
-        if c is None:
-            return
-        for key in c.wants:
-            t = self.tasks.get(key)
-            if t is not None:
-                t.wanted_by.discard(ident)
-                self._maybe_release(t)
-        self._updates.pop(ident, None)
-
-    def _on_client_close(
-        self, ident: bytes, msg: P.ClientClose, payload: list[Any]
-    ) -> None:
-        self.remove_client(ident)
-
-    # --- gather -----------------------------------------------------------------------
-
-    def _on_gather(self, ident: bytes, msg: P.Gather, payload: list[Any]) -> None:
-        if self._client(ident) is None:
-            return
-        self._gather(ident, msg.request_id, msg.keys, reply_empty=True)
-
-    def _gather(
-        self, client: bytes, request_id: int, keys: list[Any], reply_empty: bool = False
-    ) -> None:
-        """Answer inline values and missing keys now; ask holders for the rest (their
-        replies reach the client as further DataReply parts of the same request)."""
-        values: list[Any] = []
-        frames = P.FrameList()
-        missing: list[Any] = []
-        by_worker: dict[bytes, list[str]] = {}
-        for key in keys:
-            t = self.tasks.get(key) if isinstance(key, str) else None
-            if t is None or t.state is not TaskState.MEMORY:
-                missing.append(key)
-            elif t.inline is not None:
-                values.append([key, frames.add(t.inline)])
-            else:
-                holders = [self.workers[i] for i in t.who_has if i in self.workers]
-                if not holders:
-                    missing.append(key)
-                    continue
-                holder = min(holders, key=lambda w: len(w.processing)).ident
-                by_worker.setdefault(holder, []).append(key)
-        if values or missing or (reply_empty and not by_worker):
-            self._out.append(
-                (client, P.DataReply(request_id, values, missing), frames.frames)
-            )
-        for holder, held in by_worker.items():
-            req = next(self._req)
-            self._gathers[req] = _Pending(client, request_id, set(held), holder)
-            self._gathers_by_worker.setdefault(holder, set()).add(req)
-            self._send(holder, P.SendData(req, held))
-
-    def _on_data_reply(
-        self, ident: bytes, msg: P.DataReply, payload: list[Any]
-    ) -> None:
-        pending = self._gathers.get(msg.request_id)
-        if pending is None or pending.worker != ident:
-            return  # not a request of ours to this peer
-        del self._gathers[msg.request_id]
-        self._gathers_by_worker.get(ident, set()).discard(msg.request_id)
-        if pending.client not in self.clients:
-            return
-        self._out.append(
-            (
-                pending.client,
-                P.DataReply(pending.client_request, msg.values, msg.missing),
-                payload,
-            )
-        )
-
-    # --- run on workers ---------------------------------------------------------------
-
-    def _on_run_on_workers(
-        self, ident: bytes, msg: P.RunOnWorkers, payload: list[Any]
-    ) -> None:
-        if self._client(ident) is None:
-            return
-        targets = [
-            w
-            for w in self.workers.values()
-            if not msg.workers or w.address in msg.workers or w.name in msg.workers
-        ]
-        req = next(self._req)
-        pending = self._runs[req] = _Pending(
-            ident, msg.request_id, {w.ident for w in targets}
-        )
-        for w in targets:
-            self._runs_by_worker.setdefault(w.ident, set()).add(req)
-            self._send(w.ident, P.RunFunction(req), payload)
-        self._finish_run(req)
-        del pending
-
-    def _on_function_result(
-        self, ident: bytes, msg: P.FunctionResult, payload: list[Any]
-    ) -> None:
-        pending = self._runs.get(msg.request_id)
-        w = self.workers.get(ident)
-        if pending is None or w is None or ident not in pending.remaining:
-            return
-        pending.remaining.discard(ident)
-        self._runs_by_worker.get(ident, set()).discard(msg.request_id)
-        pending.results.append([w.address, msg.ok, payload])
-        self._finish_run(msg.request_id)
-
-    def _finish_run(self, req: int) -> None:
-        pending = self._runs[req]
-        if pending.remaining:
-            return
-        del self._runs[req]
-        frames = P.FrameList()
-        results = []
-        for address, ok, value in pending.results:
-            if value is None:
-                results.append([address, False, None])
-            else:
-                results.append([address, ok, frames.add(value) if value else None])
-        self._out.append(
-            (pending.client, P.RunReply(pending.client_request, results), frames.frames)
-        )
-
-    # --- information ------------------------------------------------------------------
-
-    def _on_info_request(
-        self, ident: bytes, msg: P.InfoRequest, payload: list[Any]
-    ) -> None:
-        if self._client(ident) is None:
-            return
-        self._out.append((ident, P.InfoReply(msg.request_id, self.info(msg.what)), []))
-
-    def info(self, what: str = "scheduler_info") -> dict[str, Any]:
-        workers = {}
-        for w in self.workers.values():
-            workers[w.address] = {
-                "name": w.name,
-                "host": w.host,
-                "nthreads": w.nthreads,
-                "memory_limit": w.memory_limit,
-                "resources": w.resources,
-                "local_directory": w.local_directory,
-                "pid": w.pid,
-                "status": w.status,
-                "processing": len(w.processing),
-                "in_memory": len(w.data),
-                "last_seen": w.last_seen,
-                "metrics": w.metrics,
-                "versions": w.versions,
-            }
-        if what == "task_stream":
-            return {"stream": self.monitor.task_stream()}
-        if what == "logs":
-            return {"logs": self.log_lines()}
-        counts: dict[str, int] = {}
-        for t in self.tasks.values():
-            counts[t.state.value] = counts.get(t.state.value, 0) + 1
-        info = {
-            "type": "Scheduler",
-            "id": "zdist-broker",
-            "address": self.config.address,
-            "workers": workers,
-            "tasks": counts,
-            "n_clients": len(self.clients),
-            "counters": dict(self.counters),
-            "versions": self.versions,
-            "dashboard": self.dashboard,
-        }
-        if what == "status":  # the dashboard's and `zdist status`'s view
-            info["time"] = self.wall
-            info["groups"] = self.monitor.group_progress()
-            info["task_stream"] = self.monitor.task_stream(since=self.wall - 300)
-            info["errors"] = list(self.monitor.errors)
-        return info
-
-    # ==================================================================================
     # output helpers
 
     def _send(
@@ -1446,57 +810,6 @@ class BrokerState:
         updates.append([key, status, None if frames is None else fl.add(frames), text])
 
     _handlers: dict[type, Any] = {}
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _check_resources(resources: Any) -> None:
-    """Resources are ``{name: amount}``; anything else would break dispatch later."""
-    if not isinstance(resources, dict) or not all(
-        isinstance(k, str) and _is_number(v) and v >= 0 for k, v in resources.items()
-    ):
-        raise P.ProtocolError(f"malformed resources {resources!r}")
-
-
-def _check_result(entry: Any, payload: list[Any]) -> list[Any] | None:
-    """Validate one TaskResults entry; return the frames its ref names (or None)."""
-    if not isinstance(entry, list) or len(entry) != 7:
-        raise P.ProtocolError("malformed task result entry")
-    key, status, nbytes, typename, ref, text, duration = entry
-    if (
-        not isinstance(key, str)
-        or not isinstance(typename, str)
-        or not isinstance(text, str)
-        or type(nbytes) is not int
-        or not _is_number(duration)
-    ):
-        raise P.ProtocolError(f"malformed task result entry for {key!r}")
-    if status == "memory":
-        return None if ref is None else P.ref_frames(payload, ref)
-    if status == "error":
-        return P.ref_frames(payload, ref)
-    if status in ("missing", "cancelled"):
-        return None
-    raise P.ProtocolError(f"unknown task status {status!r}")
-
-
-def _dependency_order(new: dict[str, tuple[Any, ...]]) -> list[str]:
-    indegree = {k: 0 for k in new}
-    dependents: dict[str, list[str]] = {}
-    for k, v in new.items():
-        for d in v[2]:
-            if d in new:
-                indegree[k] += 1
-                dependents.setdefault(d, []).append(k)
-    order = [k for k, n in indegree.items() if n == 0]
-    for k in order:  # grows while iterating
-        for dk in dependents.get(k, ()):
-            indegree[dk] -= 1
-            if indegree[dk] == 0:
-                order.append(dk)
-    return order
 
 
 BrokerState._handlers = {
