@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from test_cli import start_broker, stop
-from utils import wait_for
+from utils import wait_for, zproc
 
 from zdist import Client
 
@@ -50,10 +50,9 @@ def cluster_files(tmp_path: Path) -> Iterator[str]:
         "--dashboard-address",
         "none",
     )
-    workers = subprocess.Popen(
+    # zproc: stdin is a lifeline, so the workers go even if this test is killed.
+    workers = zproc(
         [
-            PY,
-            "-m",
             "zdist.worker",
             "--scheduler-file",
             sf,
@@ -65,8 +64,6 @@ def cluster_files(tmp_path: Path) -> Iterator[str]:
             "st",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     try:
         yield sf

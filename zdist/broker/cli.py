@@ -217,7 +217,7 @@ def _load_security(
             except ValueError:
                 pass
         if security_file is None and not no_security and old.get("security"):
-            return Security.from_dict(old["security"]), port
+            return Security.from_dict(old["security"]), 8786 if port is None else port
     if port is None:
         port = 8786
     if no_security:

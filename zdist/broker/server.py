@@ -129,7 +129,7 @@ class BrokerServer:
         try:
             while not self._stop.is_set():
                 timeout = max(0.0, min(next_tick - time.monotonic(), 0.1))
-                if poller.poll(timeout * 1000):
+                if poller.poll(int(timeout * 1000)):
                     self.receive()
                 now = time.monotonic()
                 if now >= next_tick:

@@ -130,12 +130,12 @@ def rebuild_exception(frames: list[Any] | None, text: str) -> BaseException:
         )
     if isinstance(payload, BaseException):  # raised by the broker (KilledWorker, ...)
         return payload
-    exc, tb = payload
-    if exc is None:
+    error, tb = payload
+    if error is None:
         summary = text.split("\n", 1)[0]
         return RemoteError(f"{summary}\n\nRemote traceback:\n{tb}")
-    exc.__cause__ = RemoteTraceback(tb)
-    return exc
+    error.__cause__ = RemoteTraceback(tb)
+    return error
 
 
 class Future:

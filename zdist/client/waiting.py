@@ -213,7 +213,7 @@ def progress(
             try:
                 name, f = done_q.get(timeout=_REDRAW_AFTER if behind else tick)
             except queue.Empty:
-                for name in ():
+                for name in behind or bars:
                     bars[name].refresh()
                 behind.clear()
                 continue

@@ -371,7 +371,12 @@ def main(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if lifeline:
-        watch_stdin(lambda: (sup.close_stdin(), sup.stop(graceful=False)))
+
+        def orphaned() -> None:
+            sup.close_stdin()
+            sup.stop(graceful=False)
+
+        watch_stdin(orphaned)
     sys.exit(sup.run())
 
 

@@ -74,6 +74,7 @@ class _Task:
         self.inline: dict[str, list[Any]] = {}
         self.missing: set[str] = set()
         self.cancelled = False
+        self.has_deps = False
 
 
 class Worker:
