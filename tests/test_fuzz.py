@@ -28,7 +28,7 @@ import tasks
 import zmq
 from utils import wait_for
 
-from zdist import Client, LocalCluster
+from zdist import Client, LocalCluster, wait
 from zdist import protocol as P
 from zdist.security import Security
 
@@ -692,3 +692,84 @@ def test_client_over_the_size_limit_gets_an_error(small_broker: Any) -> None:
             f.result(timeout=15)
         assert not isinstance(info.value, TimeoutError), "the future stayed pending"
         assert "limit" in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="Worker._fetch lets zmq's connect() raise on a peer address that is not an "
+    "endpoint; _on_run_tasks aborts there, so the task waiting for that input (and any "
+    "later fetch of the batch) is never run nor reported missing: it hangs as "
+    "'processing' forever",
+)
+def test_garbage_peer_address_does_not_hang_a_real_workers_task() -> None:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1) as cluster,
+        Client(cluster, timeout=30) as c,
+    ):
+        [real] = [w["name"] for w in c.scheduler_info()["workers"].values()]
+        ctx: zmq.Context[Any] = zmq.Context()
+        fake = Peer(ctx, cluster.scheduler_address, cluster.security)
+        try:
+            # An authenticated worker that advertises a data address that is garbage
+            # and a resource only it has.
+            fake.send(
+                P.encode(
+                    P.RegisterWorker(
+                        "fake",
+                        1,
+                        0,
+                        {"FAKE": 1.0},
+                        "not-an-endpoint",
+                        "fakehost",
+                        1,
+                        "/tmp",
+                        {},
+                        [],
+                    )
+                )
+            )
+            fake.wait_for(P.Welcome)
+            a = c.submit(tasks.make_bytes, 100_000, resources={"FAKE": 1}, pure=False)
+
+            def run_tasks_for_a() -> bool:
+                fake.drain()
+                return any(
+                    isinstance(m, P.RunTasks) and any(t[0] == a.key for t in m.tasks)
+                    for m, _ in fake.received
+                )
+
+            wait_for(run_tasks_for_a, timeout=30, what="the fake worker to get a task")
+            # "Done, and too large to travel inline": the result stays "on" the fake.
+            fake.send(
+                P.encode(
+                    P.TaskResults([[a.key, "memory", 100_000, "bytes", None, "", 0.01]])
+                )
+            )
+            wait([a], timeout=30)
+            b = c.submit(tasks.length, a, workers=[real], pure=False)
+            wait_for(
+                lambda: c.scheduler_info()["tasks"].get("processing", 0) == 1,
+                timeout=30,
+                what="the real worker to be sent the dependent task",
+            )
+            # The real worker tried to fetch from "not-an-endpoint"; the fake leaves.
+            fake.send(P.encode(P.WorkerStatus("closed", [])))
+            wait_for(
+                lambda: len(c.scheduler_info()["workers"]) == 1,
+                timeout=30,
+                what="the fake worker to be gone",
+            )
+        finally:
+            fake.close()
+            ctx.term()
+        # The dependent task must be given back (its input is gone: it waits for a
+        # recomputation that only a FAKE worker could do), not stay processing.
+        wait_for(
+            lambda: c.scheduler_info()["tasks"].get("processing", 0) == 0,
+            timeout=30,
+            what="the dependent task to leave the real worker",
+        )
+        assert not b.done()
+        # And the real worker still works.
+        assert c.submit(tasks.inc, 1, workers=[real]).result(30) == 2

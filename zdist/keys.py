@@ -21,6 +21,11 @@ def key_group(key: str) -> str:
         m = _TUPLE_HEAD.match(key)
         if m:
             key = m.group(1)
+    i = key.rfind("-")
+    if 0 < i and key.find("-") == i:  # the usual "name-<token>": no word list needed
+        tail = key[i + 1 :]
+        if tail.isdigit() or _HEX.match(tail):
+            return key[:i]
     parts = key.split("-")
     words = [p for p in parts if p and not _HEX.match(p) and not p.isdigit()]
     return "-".join(words) or key

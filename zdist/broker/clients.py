@@ -455,6 +455,7 @@ class ClientSide(_Base):
         }
         if what == "status":  # the dashboard's and `zdist status`'s view
             info["time"] = self.wall
+            info["now"] = self.now  # the clock of the workers' last_seen
             info["groups"] = self.monitor.group_progress()
             info["task_stream"] = self.monitor.task_stream(since=self.wall - 300)
             info["errors"] = list(self.monitor.errors)

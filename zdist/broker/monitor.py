@@ -5,9 +5,10 @@ recent errors and log lines. Pure bookkeeping fed by the state machine; the dash
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict, deque
 from typing import Any
+
+from zdist.keys import key_group
 
 #: Task-stream entries kept (dask keeps the last 100,000; the dashboard shows minutes).
 STREAM_LENGTH = 20_000
@@ -15,23 +16,6 @@ STREAM_LENGTH = 20_000
 ERRORS_LENGTH = 50
 #: Task groups kept (oldest idle ones are dropped first).
 GROUPS_LENGTH = 200
-
-_HEX = re.compile(r"^[0-9a-f]{8,}$")
-
-
-def key_group(key: str) -> str:
-    """dask's ``key_split``: ``inc-1d26...`` -> ``inc``; ``('x-ab12', 0, 1)`` -> ``x``."""
-    if key.startswith("("):
-        m = re.match(r"\(\s*['\"]([^'\"]+)['\"]", key)
-        if m:
-            key = m.group(1)
-    i = key.rfind("-")
-    if i > 0:  # the usual "name-<hash>": one split, no regular expression per word
-        tail = key[i + 1 :]
-        if tail.isdigit() or (len(tail) >= 8 and _HEX.match(tail)):
-            return key_group(key[:i]) if "-" in key[:i] else key[:i]
-    return key
-
 
 class Monitor:
     def __init__(self) -> None:

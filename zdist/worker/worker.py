@@ -152,6 +152,7 @@ class Worker:
         self.liveness = P.WORKER_LIVENESS
         self._last_heard = 0.0
         self._last_sent = 0.0
+        self._last_metrics = 0.0
         self._started = time.monotonic()
         self._client: Any = None
         self._io_thread: threading.Thread | None = None
@@ -269,7 +270,10 @@ class Worker:
                 "worker %s: broker silent for %.1f s; reconnecting", self.name, silent
             )
             self._connect()
-        elif now - self._last_sent > self.heartbeat_interval:
+        elif now - self._last_metrics > self.heartbeat_interval:
+            # Results count as heartbeats, but only this carries the metrics that
+            # the dashboard and `zdist status` show: send it on time even when busy.
+            self._last_metrics = now
             self._send(P.Heartbeat(self.metrics()))
 
     def check_memory(self) -> None:
