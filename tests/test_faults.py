@@ -369,12 +369,6 @@ def test_task_killing_its_worker_fails_with_killed_worker(
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BrokerState.remove_worker counts a death against every task in "
-    "w.processing, including tasks only queued (pipelined) behind the one that "
-    "killed the worker, so innocent queued tasks fail with KilledWorker",
-)
 def test_tasks_queued_behind_a_killer_are_not_blamed(
     procs: Procs, tmp_path: Path
 ) -> None:
@@ -395,12 +389,6 @@ def test_tasks_queued_behind_a_killer_are_not_blamed(
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BrokerState._next_task_for gives up after skipping 64 ready tasks that "
-    "cannot run on the worker, so more than 64 tasks pinned to a worker that is gone "
-    "(ahead in priority) starve every other task",
-)
 def test_tasks_pinned_to_a_lost_worker_do_not_block_others(
     procs: Procs, tmp_path: Path
 ) -> None:
@@ -574,12 +562,6 @@ def test_broker_gone_for_good_pending_futures_fail(
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(
-    strict=True,
-    reason="with the broker gone, a finished non-inline future's result() (Client."
-    "_fetch_values with timeout=None) and Client.run (Connection.wait with None) wait "
-    "forever: Client._on_lost fails futures but not in-flight requests",
-)
 def test_broker_gone_for_good_requests_fail_instead_of_hanging(
     procs: Procs, tmp_path: Path
 ) -> None:

@@ -678,11 +678,6 @@ def test_messages_over_the_size_limit_are_dropped(small_broker: Any) -> None:
         assert sum(c.gather(c.map(tasks.inc, range(100)))) == sum(range(1, 101))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a legitimate client whose message exceeds the broker's size limit is "
-    "never told: BrokerServer.receive drops it silently, so its futures stay pending",
-)
 def test_client_over_the_size_limit_gets_an_error(small_broker: Any) -> None:
     server, _ = small_broker
     with Client(server.address, security=False, timeout=30) as c:
@@ -695,13 +690,6 @@ def test_client_over_the_size_limit_gets_an_error(small_broker: Any) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="Worker._fetch lets zmq's connect() raise on a peer address that is not an "
-    "endpoint; _on_run_tasks aborts there, so the task waiting for that input (and any "
-    "later fetch of the batch) is never run nor reported missing: it hangs as "
-    "'processing' forever",
-)
 def test_garbage_peer_address_does_not_hang_a_real_workers_task() -> None:
     with (
         LocalCluster(n_workers=1, threads_per_worker=1) as cluster,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
+from typing import Any
 
 #: Log lines kept per process.
 LOG_LENGTH = 1_000
@@ -36,3 +38,26 @@ def log_buffer() -> LogBuffer:
         _log_buffer = LogBuffer()
         logging.getLogger("zdist").addHandler(_log_buffer)
     return _log_buffer
+
+
+class RateLimitedLog:
+    """Logs a kind of problem at most once per ``period`` seconds, with a count."""
+
+    def __init__(self, logger: logging.Logger, period: float = 5.0) -> None:
+        self.logger = logger
+        self.period = period
+        self.last: dict[str, float] = {}
+        self.suppressed: dict[str, int] = {}
+
+    def warning(self, kind: str, text: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last.get(kind, -1e9) >= self.period:
+            n = self.suppressed.pop(kind, 0)
+            self.logger.warning(
+                text + (" (%d similar suppressed)" if n else ""),
+                *args,
+                *((n,) if n else ()),
+            )
+            self.last[kind] = now
+        else:
+            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1

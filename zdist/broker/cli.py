@@ -24,6 +24,7 @@ from zdist.security import (
     read_security_stream,
     write_private_json,
 )
+from zdist.units import parse_memory
 
 logger = logging.getLogger("zdist.broker")
 
@@ -98,6 +99,19 @@ def configure_logging(level: str) -> None:
     help="Worker deaths a task may cause before it fails with KilledWorker.",
 )
 @click.option(
+    "--client-heartbeat-interval",
+    default=P.CLIENT_HEARTBEAT_INTERVAL,
+    show_default=True,
+    type=float,
+    help="Seconds between client heartbeats (with --client-liveness: client expiry).",
+)
+@click.option(
+    "--max-message-size",
+    default="8GiB",
+    show_default=True,
+    help="Drop (and report) messages larger than this; a 1,000,000-task graph fits.",
+)
+@click.option(
     "--dashboard-address",
     default=":8787",
     show_default=True,
@@ -127,6 +141,8 @@ def main(
     liveness: int,
     client_liveness: int,
     allowed_failures: int,
+    client_heartbeat_interval: float,
+    max_message_size: str,
     dashboard_address: str,
     log_level: str,
     lifeline: bool,
@@ -152,6 +168,8 @@ def main(
                 liveness=liveness,
                 client_liveness=client_liveness,
                 allowed_failures=allowed_failures,
+                client_heartbeat_interval=client_heartbeat_interval,
+                max_message_bytes=_parse_size(max_message_size),
                 dashboard_address=None
                 if dashboard_address.lower() in ("none", "", "false")
                 else dashboard_address,
@@ -199,6 +217,13 @@ def main(
     logger.info("broker at %s (pid %d)", server.address, os.getpid())
     server.serve_forever()
     logger.info("broker stopped")
+
+
+def _parse_size(text: str) -> int:
+    try:
+        return parse_memory(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-message-size") from None
 
 
 def _load_security(

@@ -52,10 +52,23 @@ class ClientSide(_Base):
             ),
         )
 
-    def _client(self, ident: bytes) -> ClientRec | None:
+    def refuse(self, ident: bytes, msg: P.Message, text: str) -> None:
+        """Tell a client its message was dropped (too large): submitted keys fail,
+        a request gets an error reply."""
+        if ident not in self.clients:
+            return
+        if isinstance(msg, P.Submit):
+            err = [pickle.dumps(ValueError(text))]
+            for key in dict.fromkeys(msg.wants):
+                if isinstance(key, str):
+                    self._update(ident, key, "error", err, f"ValueError: {text}")
+        else:
+            self._send(ident, P.Error(getattr(msg, "request_id", 0), text))
+
+    def _client(self, ident: bytes, request_id: int = 0) -> ClientRec | None:
         c = self.clients.get(ident)
         if c is None:
-            self._send(ident, P.Error(0, "unregistered"))
+            self._send(ident, P.Error(request_id, "unregistered"))
         return c
 
     def _on_submit(self, ident: bytes, msg: P.Submit, payload: list[Any]) -> None:
@@ -304,7 +317,7 @@ class ClientSide(_Base):
     # --- gather -----------------------------------------------------------------------
 
     def _on_gather(self, ident: bytes, msg: P.Gather, payload: list[Any]) -> None:
-        if self._client(ident) is None:
+        if self._client(ident, msg.request_id) is None:
             return
         self._gather(ident, msg.request_id, msg.keys, reply_empty=True)
 
@@ -363,7 +376,7 @@ class ClientSide(_Base):
     def _on_run_on_workers(
         self, ident: bytes, msg: P.RunOnWorkers, payload: list[Any]
     ) -> None:
-        if self._client(ident) is None:
+        if self._client(ident, msg.request_id) is None:
             return
         targets = [
             w
@@ -413,7 +426,7 @@ class ClientSide(_Base):
     def _on_info_request(
         self, ident: bytes, msg: P.InfoRequest, payload: list[Any]
     ) -> None:
-        if self._client(ident) is None:
+        if self._client(ident, msg.request_id) is None:
             return
         self._out.append((ident, P.InfoReply(msg.request_id, self.info(msg.what)), []))
 

@@ -51,8 +51,9 @@ class Dashboard:
             logger.warning("port %d is in use; the dashboard takes a free port", port)
             self.httpd = ThreadingHTTPServer((host, 0), handler)
         self.httpd.daemon_threads = True
-        self.host, self.port = str(self.httpd.server_address[0]), int(
-            self.httpd.server_address[1]
+        self.host, self.port = (
+            str(self.httpd.server_address[0]),
+            int(self.httpd.server_address[1]),
         )
         self.link = f"http://{self.host}:{self.port}/status?token={self.token}"
         self._thread = threading.Thread(

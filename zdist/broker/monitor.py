@@ -17,6 +17,7 @@ ERRORS_LENGTH = 50
 #: Task groups kept (oldest idle ones are dropped first).
 GROUPS_LENGTH = 200
 
+
 class Monitor:
     def __init__(self) -> None:
         self.groups: OrderedDict[str, list[int]] = OrderedDict()  # [total, done, erred]

@@ -21,7 +21,7 @@ from zdist import protocol as P
 from zdist._version import versions
 from zdist.broker.dashboard import Dashboard
 from zdist.broker.state import BrokerConfig, BrokerState
-from zdist.logs import log_buffer
+from zdist.logs import RateLimitedLog, log_buffer
 from zdist.net import interface_ip
 from zdist.security import Security
 
@@ -48,28 +48,6 @@ class ServerConfig:
     #: ``":8787"`` serves the dashboard on localhost:8787; None turns it off.
     dashboard_address: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class _RateLimitedLog:
-    """Logs a kind of problem at most once per ``period`` seconds, with a count."""
-
-    def __init__(self, period: float = 5.0) -> None:
-        self.period = period
-        self.last: dict[str, float] = {}
-        self.suppressed: dict[str, int] = {}
-
-    def warning(self, kind: str, text: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self.last.get(kind, -1e9) >= self.period:
-            n = self.suppressed.pop(kind, 0)
-            logger.warning(
-                text + (" (%d similar suppressed)" if n else ""),
-                *args,
-                *((n,) if n else ()),
-            )
-            self.last[kind] = now
-        else:
-            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
 
 
 class BrokerServer:
@@ -110,7 +88,7 @@ class BrokerServer:
         self.counters = self.state.counters
         self.counters.update(dropped=0, payload_bytes_forwarded=0, messages_in=0)
         self._stop = threading.Event()
-        self._log = _RateLimitedLog()
+        self._log = RateLimitedLog(logger)
         self.state.log_lines = lambda: [list(r) for r in log_buffer().records]
         self.dashboard: Dashboard | None = None
         if config.dashboard_address:
@@ -158,7 +136,9 @@ class BrokerServer:
             if ident.endswith(P.SENDER_SUFFIX):  # a client's sending socket
                 ident = ident[: -len(P.SENDER_SUFFIX)]
             try:
-                self._check_size(frames)
+                if not self._check_size(frames):
+                    self._refuse_oversized(ident, frames)
+                    continue
                 msg, payload = P.decode(frames[1:])
                 state.handle(ident, msg, payload, now)
             except Exception as exc:
@@ -171,12 +151,29 @@ class BrokerServer:
                     exc,
                 )
 
-    def _check_size(self, frames: list[Any]) -> None:
+    def _check_size(self, frames: list[Any]) -> bool:
         if len(frames) > self.config.max_frames:
-            raise P.ProtocolError(f"{len(frames)} frames exceed the limit")
+            return False
+        return sum(len(f) for f in frames) <= self.config.max_message_bytes
+
+    def _refuse_oversized(self, ident: bytes, frames: list[Any]) -> None:
+        """Drop a message over the limits, and tell its sender why if it is a
+        client: its futures fail instead of waiting forever."""
+        self.counters["dropped"] += 1
         size = sum(len(f) for f in frames)
-        if size > self.config.max_message_bytes:
-            raise P.ProtocolError(f"{size} bytes exceed the limit")
+        text = (
+            f"message of {size} bytes in {len(frames)} frames is over the broker's "
+            f"limit ({self.config.max_message_bytes} bytes, {self.config.max_frames} "
+            f"frames: zbroker --max-message-size)"
+        )
+        self._log.warning(
+            "oversized", "dropped a message from %s: %s", ident.hex(), text
+        )
+        try:
+            msg, _ = P.decode(frames[1:4])
+        except P.ProtocolError:
+            return
+        self.state.refuse(ident, msg, text)
 
     def send_pending(self) -> None:
         out = self.state.flush()

@@ -89,6 +89,7 @@ class BrokerState(ClientSide):
         self.workers: dict[bytes, Worker] = {}
         self.clients: dict[bytes, ClientRec] = {}
         self.ready: list[tuple[Any, ...]] = []  # global heap of (priority, gen, key)
+        self.unrunnable: dict[str, tuple[Any, ...]] = {}  # parked ready-queue entries
         self._gen = itertools.count(1)
         self._seq = itertools.count()
         self._req = itertools.count(1)
@@ -236,6 +237,9 @@ class BrokerState(ClientSide):
         self, ident: bytes, msg: P.RegisterWorker, payload: list[Any]
     ) -> None:
         _check_resources(msg.resources)
+        for entry in self.unrunnable.values():  # perhaps this worker can run them
+            heapq.heappush(self.ready, entry)
+        self.unrunnable.clear()
         old = self.workers.get(ident)
         if old is not None:
             # The same worker reconnecting (its identity is stable): what it still
@@ -289,12 +293,16 @@ class BrokerState(ClientSide):
             return
         if not planned:
             self.counters["workers_lost"] += 1
+        # Only the tasks that were running can have killed it: a worker runs its tasks
+        # in the order sent, nthreads at a time; the rest were queued behind them.
+        running = set(list(w.processing)[: max(0, w.nthreads - len(w.zombies))])
+        running |= w.seceded
         for key in list(w.processing):
             t = self.tasks.get(key)
             if t is None or t.processing_on != ident:
                 continue  # already erred or released while we walked the list
             t.processing_on = None
-            if not planned:
+            if not planned and key in running:
                 t.suspicious += 1
                 t.failed_on.append(w.address)
                 if t.suspicious > self.config.allowed_failures:
@@ -631,7 +639,11 @@ class BrokerState(ClientSide):
             return None
         return w
 
-    def _can_run(self, t: Task, w: Worker) -> bool:
+    def _could_ever_run(self, t: Task) -> bool:
+        """Some current worker has the names and total resources this task needs."""
+        return any(self._can_run(t, w, ever=True) for w in self.workers.values())
+
+    def _can_run(self, t: Task, w: Worker, ever: bool = False) -> bool:
         if t.restrict is not None:
             names, loose = t.restrict
             if (
@@ -642,8 +654,9 @@ class BrokerState(ClientSide):
             ):
                 return False
         if t.resources:
+            have = w.resources if ever else w.avail
             for r, need in t.resources.items():
-                if w.avail.get(r, 0) < need:
+                if have.get(r, 0) < need:
                     return False
         return True
 
@@ -680,6 +693,11 @@ class BrokerState(ClientSide):
                 if self._can_run(t, w):
                     found = t
                     break
+                if not self._could_ever_run(t):
+                    # No worker has what it needs (its named worker left, say): park
+                    # it until one registers, so it cannot starve runnable tasks.
+                    self.unrunnable[t.key] = entry
+                    continue
                 skipped.append(entry)
                 if len(skipped) > 64:
                     break

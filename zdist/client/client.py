@@ -114,8 +114,10 @@ class Client:
         mine = versions()
         bad = [f"broker: {m}" for m in mismatches(mine, welcome.versions)]
         for addr, w in self._info("scheduler_info")["workers"].items():
-            bad += [f"worker {w.get('name', addr)}: {m}"
-                    for m in mismatches(mine, w.get("versions", {}))]
+            bad += [
+                f"worker {w.get('name', addr)}: {m}"
+                for m in mismatches(mine, w.get("versions", {}))
+            ]
         if bad:
             warnings.warn(
                 f"zdist version mismatch with this client ({'; '.join(bad[:5])}); "
@@ -306,7 +308,6 @@ class Client:
             raise TypeError("Dask/zdist map requires iterables of arguments")
         fn = self._dumps_function(func)
         arg_lists = list(zip(*iterables))
-        keys: list[str]
         fl = P.FrameList()
         fn_ref = fl.add([fn])
         entries = []
@@ -621,6 +622,8 @@ class Client:
                 if not slot.event.wait(
                     0.05 if remaining is None else min(0.05, remaining)
                 ):
+                    if slot.lost:
+                        raise CommClosedError(slot.lost)
                     if self._conn.closed:
                         raise CommClosedError("client closed while gathering")
                     if remaining is not None and remaining <= 0:

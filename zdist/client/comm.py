@@ -25,7 +25,7 @@ from typing import Any
 import zmq
 
 from zdist import protocol as P
-from zdist.errors import CommClosedError
+from zdist.errors import CommClosedError, ZdistError
 from zdist.security import Security
 
 logger = logging.getLogger(__name__)
@@ -34,12 +34,13 @@ logger = logging.getLogger(__name__)
 class Request:
     """A reply slot a user thread waits on."""
 
-    __slots__ = ("event", "expect", "replies")
+    __slots__ = ("event", "expect", "lost", "replies")
 
     def __init__(self, expect: int = 1) -> None:
         self.event = threading.Event()
         self.replies: list[tuple[P.Message, list[Any]]] = []
         self.expect = expect
+        self.lost = ""  # why no reply will come (the broker went away)
 
 
 class Connection:
@@ -138,9 +139,20 @@ class Connection:
                 raise TimeoutError(f"no reply from the broker within {timeout} s")
         finally:
             self._requests.pop(req_id, None)
+        if slot.lost and not slot.replies:
+            raise CommClosedError(slot.lost)
+        for msg, _ in slot.replies:
+            if isinstance(msg, P.Error):
+                raise ZdistError(f"the broker refused the request: {msg.text}")
         if self.closed and not slot.replies:
             raise CommClosedError("the connection to the broker was closed")
         return slot.replies
+
+    def fail_requests(self, why: str) -> None:
+        """Wake every waiting request: no reply will come."""
+        for slot in list(self._requests.values()):
+            slot.lost = why
+            slot.event.set()
 
     def close(self) -> None:
         if self.closed:
@@ -188,13 +200,16 @@ class Connection:
                     if now - self._last_heard > max(
                         self.timeout, 3 * self.heartbeat_interval
                     ):
-                        self._on_lost(
+                        why = (
                             f"the broker at {self.address} has not answered for "
                             f"{now - self._last_heard:.0f} s"
                         )
+                        self.fail_requests(why)
+                        self._on_lost(why)
                         self._last_heard = now
         except Exception:
             logger.exception("client I/O thread failed")
+            self.fail_requests("the client's I/O thread failed")
             self._on_lost("the client's I/O thread failed")
         finally:
             self.sock.close(linger=0)

@@ -8,8 +8,8 @@ import re
 import signal
 import subprocess
 import sys
-from typing import Any
 import threading
+from typing import Any
 
 import click
 
@@ -18,37 +18,21 @@ from zdist._version import __version__
 from zdist.errors import SecurityError, ZdistError
 from zdist.net import interface_ip, split_address
 from zdist.security import Security, read_security_stream, wait_for_scheduler_file
+from zdist.units import parse_memory
 from zdist.worker.nanny import Nanny
 from zdist.worker.worker import Worker, WorkerConfig
 
 logger = logging.getLogger("zdist.worker")
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "k": 10**3,
-    "m": 10**6,
-    "g": 10**9,
-    "t": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
 
 def parse_bytes(text: str | int | float) -> int:
     """dask's units: ``"4GB"`` = 4e9, ``"4GiB"`` = 4 * 2**30, plain numbers are bytes."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise click.BadParameter(f"{text!r} is not a size like 4GB, 500MiB or 1e9")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if isinstance(text, float):
+        text = repr(text)
+    try:
+        return parse_memory(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def total_memory() -> int:

@@ -48,8 +48,10 @@ class FunctionCache:
     def is_quick(self, data: bytes) -> bool:
         """Every run so far (at least QUICK_AFTER_RUNS) took under QUICK_TASK_SECONDS."""
         runs = self._runs.get(data)
-        return runs is not None and runs[0] >= QUICK_AFTER_RUNS and (
-            runs[1] < QUICK_TASK_SECONDS
+        return (
+            runs is not None
+            and runs[0] >= QUICK_AFTER_RUNS
+            and (runs[1] < QUICK_TASK_SECONDS)
         )
 
     def get(self, frame: Any) -> Callable[..., Any]:

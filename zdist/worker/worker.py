@@ -26,9 +26,9 @@ import zmq
 from zdist import protocol as P
 from zdist import serialize
 from zdist._version import versions
+from zdist.logs import RateLimitedLog, log_buffer
 from zdist.net import interface_ip, local_ip_towards, split_address
 from zdist.security import Security
-from zdist.logs import log_buffer
 from zdist.worker import context
 from zdist.worker.execute import FunctionCache, Outcome, run_task
 from zdist.worker.memory import SpillBuffer, process_memory
@@ -153,6 +153,8 @@ class Worker:
         self._last_heard = 0.0
         self._last_sent = 0.0
         self._last_metrics = 0.0
+        self.dropped = 0  # malformed messages from the network, logged rate-limited
+        self._log = RateLimitedLog(logger)
         self._started = time.monotonic()
         self._client: Any = None
         self._io_thread: threading.Thread | None = None
@@ -315,6 +317,7 @@ class Worker:
     def metrics(self) -> dict[str, Any]:
         return {
             "spilled": len(self.data.slow),
+            "dropped": self.dropped,
             "managed": self.data.fast_bytes,
             "memory": process_memory(),
             "executing": len(self._executing),
@@ -341,7 +344,9 @@ class Worker:
                 msg, payload = P.decode(frames)
                 self._handle_broker(msg, payload)
             except Exception as exc:
-                logger.warning(
+                self.dropped += 1
+                self._log.warning(
+                    type(exc).__name__,
                     "worker %s dropped a broker message: %s: %s",
                     self.name,
                     type(exc).__name__,
@@ -441,8 +446,13 @@ class Worker:
             self._executing.add(t.key)
         context.set_current(self, t.key)
         try:
-            out = run_task(t.key, t.fn, t.args,
-                           self._lookup_for(t) if t.has_deps else None, self._functions)
+            out = run_task(
+                t.key,
+                t.fn,
+                t.args,
+                self._lookup_for(t) if t.has_deps else None,
+                self._functions,
+            )
         finally:
             context.set_current(None)
         self._task_done(out)
@@ -604,7 +614,13 @@ class Worker:
                     copy=False,
                 )
             except Exception as exc:
-                logger.warning("worker %s dropped a peer message: %s", self.name, exc)
+                self.dropped += 1
+                self._log.warning(
+                    type(exc).__name__,
+                    "worker %s dropped a peer message: %s",
+                    self.name,
+                    exc,
+                )
 
     def _fetch(self, peer: str, keys: list[str]) -> None:
         sock = self._peers.get(peer)
@@ -613,7 +629,17 @@ class Worker:
             sock.linger = 0
             if self.config.security:
                 self.config.security.configure_client(sock)
-            sock.connect(peer)
+            try:
+                sock.connect(peer)
+            except zmq.ZMQError as exc:  # a malformed address from the broker
+                sock.close(linger=0)
+                logger.warning(
+                    "worker %s cannot connect to peer %r: %s", self.name, peer, exc
+                )
+                for key in keys:
+                    self._fetch_wanted.setdefault(key, [])
+                self._fetch_failed(peer, keys)
+                return
             self._peers[peer] = sock
             self._new_peers.append(sock)
         req = next(self._req)
@@ -632,7 +658,13 @@ class Worker:
                     raise P.ProtocolError(f"{type(msg).__name__} from a peer")
                 self._on_fetched(msg, payload)
             except Exception as exc:
-                logger.warning("worker %s dropped a peer reply: %s", self.name, exc)
+                self.dropped += 1
+                self._log.warning(
+                    type(exc).__name__,
+                    "worker %s dropped a peer reply: %s",
+                    self.name,
+                    exc,
+                )
 
     def _on_fetched(self, msg: P.DataReply, payload: list[Any]) -> None:
         peer, _, _ = self._fetching.pop(msg.request_id, ("", [], 0.0))
