@@ -771,8 +771,12 @@ class Worker:
             self._send(P.WorkerStatus("retiring", []))
             self.status = "retiring"
             self._retire_deadline = time.monotonic() + HANDOFF_TIMEOUT
+        now = time.monotonic()
         if self.status == "retiring" and (
-            self._may_exit or time.monotonic() > self._retire_deadline
+            self._may_exit
+            or now > self._retire_deadline
+            # no broker to hand results to: do not wait for it
+            or now - self._last_heard > 3 * self.heartbeat_interval
         ):
             self.flush_results()
             self._send(P.WorkerStatus("closed", []))
