@@ -1847,3 +1847,42 @@ def test_task_graph_is_a_consistent_networkx_digraph() -> None:
     g.remove("b")
     g.remove("a")
     assert len(g) == 0 and g.nx.number_of_nodes() == 0 and g.n_edges() == 0
+
+
+def test_large_submission_is_inserted_in_slices_with_later_messages_in_order() -> None:
+    from zdist import protocol as P
+    from zdist.broker.clients import INSERT_SLICE
+    from zdist.broker.state import BrokerConfig, BrokerState
+
+    st = BrokerState(BrokerConfig(address="tcp://b:1"), {})
+    st.handle(b"w", P.RegisterWorker("w", 1, 0, {}, "tcp://w:1", "h", 1, "/t", {}, []),
+              [], 0.0)
+    st.handle(b"c", P.RegisterClient("c", {}), [], 0.0)
+    st.flush()
+    n = 2 * INSERT_SLICE + 5
+    fl = P.FrameList()
+    fn = fl.add([b"f"])
+    entries = [[f"k{i}", fn, fl.add([b"a"]), [f"k{i - 1}"] if i else [], 0, 0, None,
+                None, False] for i in range(n)]
+    st.handle(b"c", P.Submit(entries, [f"k{n - 1}"]), fl.frames, 1.0)
+    assert st.has_work() and len(st.tasks) < n  # not inserted in one go
+    # A follow-up naming a key still to be inserted waits its turn (not "dangling").
+    fl2 = P.FrameList()
+    follow = [["after", fl2.add([b"f"]), fl2.add([b"a"]), [f"k{n - 1}"], 0, 0, None,
+               None, False]]
+    st.handle(b"c", P.Submit(follow, ["after"]), fl2.frames, 1.0)
+    finished: dict[str, str] = {}
+    for _ in range(10 * n):
+        st.work()
+        for ident, msg, _ in st.flush():
+            if isinstance(msg, P.RunTasks):
+                results = [[e[0], "memory", 1, "int", None, "", 0.0] for e in msg.tasks]
+                st.handle(ident, P.TaskResults(results), [], 2.0)
+            elif isinstance(msg, P.TaskUpdates):
+                finished.update({u[0]: u[1] for u in msg.updates})
+        if len(finished) == 2:
+            break
+    assert finished == {f"k{n - 1}": "finished", "after": "finished"}
+    assert not st.has_work()
+    # Intermediate results were released once their dependents ran.
+    assert st.tasks[f"k{n - 2}"].state.value == "released"

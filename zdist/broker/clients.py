@@ -23,6 +23,34 @@ from zdist.broker.records import (
 )
 from zdist.errors import GraphError
 
+#: Tasks inserted per slice of a large submission (about 0.2 s of broker time).
+INSERT_SLICE = 20_000
+#: The pseudo-client that holds a large submission's tasks while it is inserted.
+INSERTING = b"\x00inserting"
+
+
+class _Insertion:
+    """A validated submission being inserted in slices."""
+
+    __slots__ = ("done", "ident", "new", "order", "seq", "wanted", "wants")
+
+    def __init__(
+        self,
+        ident: bytes,
+        wants: list[str],
+        order: list[str],
+        new: dict[str, tuple[Any, ...]],
+        seq: int,
+    ) -> None:
+        self.ident = ident
+        self.wants = wants
+        self.wanted = set(wants)
+        self.order = order
+        self.new = new
+        self.seq = seq
+        self.done = 0
+
+
 if TYPE_CHECKING:
     # The mixin reaches BrokerState's attributes and methods through self; naming
     # BrokerState here would be a cycle, so type checkers see an Any base.
@@ -179,28 +207,84 @@ class ClientSide(_Base):
                 self._update(ident, w, "error", err, f"GraphError: {problem}")
             return
         # Insert in dependency order: Kahn over the new keys (the usual case, already
-        # ordered, is one pass).
+        # ordered, is one pass). A large graph goes in slices between other messages
+        # (see work()), so a 1,000,000-task submit does not silence the broker's
+        # heartbeats for the tens of seconds it takes.
         order = _dependency_order(new) if forward_ref else list(new)
-        seq = next(self._seq)
+        job = _Insertion(ident, msg.wants, order, new, next(self._seq))
+        for key in msg.wants:
+            if key in tasks:
+                tasks[key].wanted_by.add(ident)
+            c.wants.add(key)
+        if len(order) <= INSERT_SLICE and not self._insertions:
+            self._insert_slice(job, len(order))
+            self._finish_insertion(job)
+        else:
+            self._insertions.append(job)
+
+    def has_work(self) -> bool:
+        return bool(self._insertions or self._deferred)
+
+    def work(self, budget: int = INSERT_SLICE) -> bool:
+        """Insert up to ``budget`` tasks of pending large submissions; True while
+        more remain (the server calls this between bursts of messages)."""
+        while budget > 0 and (self._insertions or self._deferred):
+            if self._insertions:
+                job = self._insertions[0]
+                budget -= self._insert_slice(job, budget)
+                if job.done >= len(job.order):
+                    self._insertions.popleft()
+                    self._finish_insertion(job)
+            else:  # replay what arrived meanwhile, until it starts another insertion
+                ident, msg, payload = self._deferred.popleft()
+                self.handle(ident, msg, payload, self.now)
+                budget -= 1
+        self._dirty = True
+        return bool(self._insertions or self._deferred)
+
+    def _insert_slice(self, job: _Insertion, n: int) -> int:
+        tasks = self.tasks
         graph = self.graph
-        for i, key in enumerate(order):
-            fn, args, deps, prio, retries, resources, workers, loose = new[key]
+        start = job.done
+        keys = job.order[start : start + n]
+        pinned = len(job.order) > INSERT_SLICE
+        for i, key in enumerate(keys, start):
+            fn, args, deps, prio, retries, resources, workers, loose = job.new[key]
             restrict = None
             if workers:
                 restrict = (set(workers), loose)
-            t = Task(key, fn, args, deps, (-prio, seq, i), retries, resources, restrict)
+            t = Task(
+                key, fn, args, deps, (-prio, job.seq, i), retries, resources, restrict
+            )
             tasks[key] = t
             graph.add(key, deps)
             t.group = self.monitor.submitted(key)
-        for key in msg.wants:
-            t = tasks[key]
-            t.wanted_by.add(ident)
-            c.wants.add(key)
-        for key in order:
+            if pinned:  # not released before its dependents of later slices arrive
+                t.wanted_by.add(INSERTING)
+        if job.ident in self.clients:
+            for key in keys:
+                if key in job.wanted:
+                    tasks[key].wanted_by.add(job.ident)
+        for key in keys:
             t = tasks[key]
             if t.state is TaskState.RELEASED:
                 self._schedule_new(t)
-        for key in dict.fromkeys(msg.wants):
+        job.done += len(keys)
+        return len(keys)
+
+    def _finish_insertion(self, job: _Insertion) -> None:
+        tasks = self.tasks
+        new = job.new
+        ident = job.ident
+        if len(job.order) > INSERT_SLICE:
+            for key in job.order:
+                t = tasks.get(key)
+                if t is not None:
+                    t.wanted_by.discard(INSERTING)
+                    self._maybe_release(t)
+        if ident not in self.clients:
+            return
+        for key in dict.fromkeys(job.wants):
             if key in new:
                 continue  # told by _task_finished / _fail like every new task
             t = tasks[key]
@@ -211,7 +295,7 @@ class ClientSide(_Base):
                 self._update(ident, key, "error", t.error[0], t.error[1])
             elif t.state is TaskState.RELEASED:
                 self._recompute(t, "wanted again")
-        for key in order:
+        for key in job.order:
             nt = tasks.get(key)
             if nt is not None:
                 self._maybe_forget(nt)

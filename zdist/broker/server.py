@@ -105,10 +105,15 @@ class BrokerServer:
         tick_every = self.config.heartbeat_interval * TICK_FRACTION
         next_tick = time.monotonic()
         try:
+            busy = False
             while not self._stop.is_set():
-                timeout = max(0.0, min(next_tick - time.monotonic(), 0.1))
+                timeout = (
+                    0.0 if busy else max(0.0, min(next_tick - time.monotonic(), 0.1))
+                )
                 if poller.poll(int(timeout * 1000)):
                     self.receive()
+                # A slice of any large submission, between bursts of messages.
+                busy = self.state.has_work() and self.state.work()
                 now = time.monotonic()
                 if now >= next_tick:
                     self.state.tick(now)

@@ -90,6 +90,8 @@ class BrokerState(ClientSide):
         self.clients: dict[bytes, ClientRec] = {}
         self.ready: list[tuple[Any, ...]] = []  # global heap of (priority, gen, key)
         self.unrunnable: dict[str, tuple[Any, ...]] = {}  # parked ready-queue entries
+        self._insertions: deque[Any] = deque()  # large submissions going in by slices
+        self._deferred: deque[tuple[bytes, P.Message, list[Any]]] = deque()
         self._gen = itertools.count(1)
         self._seq = itertools.count()
         self._req = itertools.count(1)
@@ -134,6 +136,11 @@ class BrokerState(ClientSide):
         handler = self._handlers.get(type(msg))
         if handler is None:
             raise P.ProtocolError(f"{type(msg).__name__} is not for the broker")
+        if self._insertions and type(msg) in _AFTER_INSERTION:
+            # A client's later messages may name keys of the submission still being
+            # inserted: keep their order by applying them once it is in.
+            self._deferred.append((ident, msg, payload))
+            return
         handler(self, ident, msg, payload)
 
     def tick(self, now: float) -> None:
@@ -829,6 +836,19 @@ class BrokerState(ClientSide):
 
     _handlers: dict[type, Any] = {}
 
+
+#: Client messages applied only after a large submission is fully inserted.
+_AFTER_INSERTION = frozenset(
+    {
+        P.Submit,
+        P.ReleaseKeys,
+        P.Cancel,
+        P.FireAndForget,
+        P.Gather,
+        P.RunOnWorkers,
+        P.ClientClose,
+    }
+)
 
 BrokerState._handlers = {
     P.RegisterWorker: BrokerState._on_register_worker,
