@@ -40,9 +40,11 @@ VERSION = b"ZD1"
 
 #: Seconds between heartbeats the broker asks of workers; any message counts as one.
 HEARTBEAT_INTERVAL = 1.0
-#: A worker silent for this many intervals is declared dead. 3-10 is reasonable: lower
-#: reacts faster to a dead node, higher tolerates a loaded login node.
-WORKER_LIVENESS = 10
+#: A worker silent for this many intervals is declared dead (and a worker whose broker
+#: is silent that long reconnects). 10-60 is reasonable: lower reacts faster to a dead
+#: node; higher tolerates a loaded login node and a broker busy taking in a
+#: 1,000,000-task graph (its decoding alone takes seconds). dask waits 5 minutes.
+WORKER_LIVENESS = 30
 #: Clients heartbeat too, but a busy notebook must not lose its tasks: be generous.
 CLIENT_HEARTBEAT_INTERVAL = 2.0
 CLIENT_LIVENESS = 60
