@@ -404,6 +404,25 @@ class BrokerState(ClientSide):
         if not w.handoff:
             self._send(w.ident, P.CloseWorker())
 
+    def _drop_extra_copies(self, t: Task, holder: Worker) -> None:
+        """A worker fetched ``t`` for tasks it runs. When every task still needing
+        ``t`` runs there, the other copies only cost memory (a large input would
+        otherwise live twice: W5's peak); one copy serves clients too."""
+        if t.inline is not None or len(t.who_has) < 2:
+            return
+        for d in self.graph.dependents(t.key):
+            dt = self.tasks[d]
+            if dt.state.active and dt.processing_on != holder.ident:  # type: ignore[attr-defined]
+                return
+        for ident in list(t.who_has):
+            other = self.workers.get(ident)
+            if ident == holder.ident or (other is not None and t.key in other.handoff):
+                continue
+            t.who_has.discard(ident)
+            if other is not None:
+                other.data.discard(t.key)
+                self._free_key(ident, t.key)
+
     def _handed_off(self, t: Task) -> None:
         for ident in list(t.who_has):
             w = self.workers.get(ident)
@@ -450,6 +469,7 @@ class BrokerState(ClientSide):
                         t.who_has.add(ident)
                         w.data.add(key)
                         self._handed_off(t)
+                        self._drop_extra_copies(t, w)
                     else:
                         self._free_key(ident, key)
                 continue

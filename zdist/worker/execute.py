@@ -17,6 +17,7 @@ from typing import Any
 import cloudpickle
 
 from zdist import serialize
+from zdist.keys import key_group
 from zdist.protocol import INLINE_LIMIT
 
 #: Deserialised functions kept per worker, by their pickled bytes.
@@ -34,20 +35,23 @@ class FunctionCache:
     def __init__(self, size: int = FUNCTION_CACHE_SIZE) -> None:
         self._cache: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
         self._size = size
-        self._runs: dict[bytes, list[float]] = {}  # pickled function -> [runs, longest]
+        # Run times by task group (the key's prefix: the user's function name, or the
+        # dask operation), not by pickled function: graph tasks all share one wrapper
+        # whose cost is that of what it wraps.
+        self._runs: dict[str, list[float]] = {}  # group -> [runs, longest]
 
-    def record(self, data: bytes, duration: float) -> None:
-        runs = self._runs.get(data)
+    def record(self, group: str, duration: float) -> None:
+        runs = self._runs.get(group)
         if runs is None:
             if len(self._runs) > self._size:
                 self._runs.clear()
-            runs = self._runs[data] = [0, 0.0]
+            runs = self._runs[group] = [0, 0.0]
         runs[0] += 1
         runs[1] = max(runs[1], duration)
 
-    def is_quick(self, data: bytes) -> bool:
+    def is_quick(self, group: str) -> bool:
         """Every run so far (at least QUICK_AFTER_RUNS) took under QUICK_TASK_SECONDS."""
-        runs = self._runs.get(data)
+        runs = self._runs.get(group)
         return (
             runs is not None
             and runs[0] >= QUICK_AFTER_RUNS
@@ -112,8 +116,7 @@ def run_task(
             else:
                 args, kwargs = serialize.loads_args(args_frames, lookup)
             value = fn(*args, **kwargs)
-            if type(fn_frames[0]) is bytes:
-                functions.record(fn_frames[0], time.perf_counter() - start)
+            functions.record(key_group(key), time.perf_counter() - start)
     except BaseException as exc:
         out.duration = time.perf_counter() - start
         _set_error(out, exc)

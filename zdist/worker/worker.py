@@ -26,6 +26,7 @@ import zmq
 from zdist import protocol as P
 from zdist import serialize
 from zdist._version import versions
+from zdist.keys import key_group
 from zdist.logs import RateLimitedLog, log_buffer
 from zdist.net import interface_ip, local_ip_towards, split_address
 from zdist.security import Security
@@ -438,7 +439,7 @@ class Worker:
             and not self._executing
             and self._ready.empty()
             and not self._closing
-            and self._functions.is_quick(t.fn[0])
+            and self._functions.is_quick(key_group(t.key))
         )
 
     def _run_inline(self, t: _Task) -> None:
