@@ -1855,21 +1855,48 @@ def test_large_submission_is_inserted_in_slices_with_later_messages_in_order() -
     from zdist.broker.state import BrokerConfig, BrokerState
 
     st = BrokerState(BrokerConfig(address="tcp://b:1"), {})
-    st.handle(b"w", P.RegisterWorker("w", 1, 0, {}, "tcp://w:1", "h", 1, "/t", {}, []),
-              [], 0.0)
+    st.handle(
+        b"w",
+        P.RegisterWorker("w", 1, 0, {}, "tcp://w:1", "h", 1, "/t", {}, []),
+        [],
+        0.0,
+    )
     st.handle(b"c", P.RegisterClient("c", {}), [], 0.0)
     st.flush()
     n = 2 * INSERT_SLICE + 5
     fl = P.FrameList()
     fn = fl.add([b"f"])
-    entries = [[f"k{i}", fn, fl.add([b"a"]), [f"k{i - 1}"] if i else [], 0, 0, None,
-                None, False] for i in range(n)]
+    entries = [
+        [
+            f"k{i}",
+            fn,
+            fl.add([b"a"]),
+            [f"k{i - 1}"] if i else [],
+            0,
+            0,
+            None,
+            None,
+            False,
+        ]
+        for i in range(n)
+    ]
     st.handle(b"c", P.Submit(entries, [f"k{n - 1}"]), fl.frames, 1.0)
     assert st.has_work() and len(st.tasks) < n  # not inserted in one go
     # A follow-up naming a key still to be inserted waits its turn (not "dangling").
     fl2 = P.FrameList()
-    follow = [["after", fl2.add([b"f"]), fl2.add([b"a"]), [f"k{n - 1}"], 0, 0, None,
-               None, False]]
+    follow = [
+        [
+            "after",
+            fl2.add([b"f"]),
+            fl2.add([b"a"]),
+            [f"k{n - 1}"],
+            0,
+            0,
+            None,
+            None,
+            False,
+        ]
+    ]
     st.handle(b"c", P.Submit(follow, ["after"]), fl2.frames, 1.0)
     finished: dict[str, str] = {}
     for _ in range(10 * n):

@@ -66,7 +66,7 @@ def test_broker_writes_private_scheduler_file(broker) -> None:
 
 
 def test_workers_and_client_through_scheduler_file(broker) -> None:
-    proc, address, sf = broker
+    proc, _address, sf = broker
     worker = zproc(
         [
             "zdist.worker",
@@ -110,7 +110,7 @@ def test_worker_waits_for_scheduler_file_to_appear(tmp_path) -> None:
 
 def test_worker_death_timeout_exits(tmp_path) -> None:
     sf = tmp_path / "gone.json"
-    proc, address = start_broker("--scheduler-file", str(sf))
+    proc, _address = start_broker("--scheduler-file", str(sf))
     stop(proc)
     worker = subprocess.run(
         [

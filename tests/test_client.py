@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import operator
 import time
 
@@ -210,7 +211,7 @@ def test_wait_and_as_completed(client: Client) -> None:
 
     seen = []
     ac = as_completed(client.map(tasks.inc, range(5)), with_results=True)
-    for i, (fut, value) in enumerate(ac):
+    for i, (_fut, value) in enumerate(ac):
         seen.append(value)
         if i == 0:
             ac.add(client.submit(tasks.inc, 100))
@@ -372,13 +373,13 @@ def test_resources() -> None:
             for i in range(4)
         ]
         spans = c.gather(futures)
-        # At most one GPU task at a time per worker: intervals on one worker never overlap.
+        # At most one GPU task at a time per worker: its intervals never overlap.
         by_worker: dict = {}
         for name, start, end in spans:
             by_worker.setdefault(name, []).append((start, end))
         for intervals in by_worker.values():
             intervals.sort()
-            for (s1, e1), (s2, _) in zip(intervals, intervals[1:]):
+            for (_s1, e1), (s2, _) in itertools.pairwise(intervals):
                 assert s2 >= e1
         assert len(by_worker) == 2
 

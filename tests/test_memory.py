@@ -1,10 +1,9 @@
-"""Worker memory management: spilling to disk, pausing, restarting (dask's thresholds)."""
+"""Worker memory management: spilling, pausing, restarting (dask's thresholds)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 import tasks
@@ -82,7 +81,7 @@ def test_worker_spills_results_beyond_target_and_reads_them_back(tmp_path) -> No
             ]
             wait(chunks)  # 100 MB of results on a worker with a 60 MB target
             spilled = c.run(_spilled)
-            assert list(spilled.values())[0] >= 4
+            assert next(iter(spilled.values())) >= 4
             assert c.submit(tasks.length, *chunks).result() == 100 * MB
     finally:
         _stop(worker, broker)

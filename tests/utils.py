@@ -24,7 +24,7 @@ def wait_for(
         time.sleep(interval)
 
 
-def zproc(argv: list[str], **kwargs: Any) -> "subprocess.Popen[Any]":
+def zproc(argv: list[str], **kwargs: Any) -> Any:
     """Start ``python -m argv[0] --lifeline argv[1:]`` with stdin as its lifeline, so
     it exits even if this test process is killed before its teardown runs."""
     import subprocess

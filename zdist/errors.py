@@ -42,7 +42,7 @@ class RemoteError(ZdistError):
 
 
 class KilledWorker(ZdistError):
-    """A task was running on ``allowed_failures`` + 1 workers that died (dask's name)."""
+    """A task was running on ``allowed_failures`` + 1 workers that all died."""
 
     def __init__(self, task: str, last_worker: str, workers: list[str] | None = None):
         self.task = task

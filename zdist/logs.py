@@ -53,11 +53,10 @@ class RateLimitedLog:
         now = time.monotonic()
         if now - self.last.get(kind, -1e9) >= self.period:
             n = self.suppressed.pop(kind, 0)
-            self.logger.warning(
-                text + (" (%d similar suppressed)" if n else ""),
-                *args,
-                *((n,) if n else ()),
-            )
+            message = text % args if args else text
+            if n:
+                message += f" ({n} similar suppressed)"
+            self.logger.warning("%s", message)
             self.last[kind] = now
         else:
             self.suppressed[kind] = self.suppressed.get(kind, 0) + 1

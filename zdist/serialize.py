@@ -9,8 +9,8 @@ classes).
 Task arguments may refer to other tasks' results. The client pickles them with
 :func:`dumps_args`, which turns every :class:`KeyRef` (and every Future, which presents
 itself as one through ``__zdist_key__``) into a pickle *persistent id*; the worker
-resolves them with :func:`loads_args` from a lookup function. This finds references at any
-depth, even inside user objects, with no separate traversal.
+resolves them with :func:`loads_args` from a lookup function. This finds references at
+any depth, even inside user objects, with no separate traversal.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def _make_handler(dash: Dashboard) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "zdist-dashboard"
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             route = urlsplit(self.path).path
             if not dash.authorised(self.path, self.headers):
                 self._reply(
@@ -121,7 +121,7 @@ def _make_handler(dash: Dashboard) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            logger.debug("dashboard: " + format, *args)
+        def log_message(self, format: str, *args: Any) -> None:
+            logger.debug("dashboard: %s", format % args)
 
     return Handler

@@ -58,8 +58,6 @@ from zdist.errors import KilledWorker
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "_ACTIVE",
-    "_TRANSITIONS",
     "FINAL_STATES",
     "FIRE_AND_FORGET",
     "LOCALITY_BYTES",
@@ -67,6 +65,8 @@ __all__ = [
     "PIPELINE_SECONDS",
     "STORY_LENGTH",
     "TRANSITION_LOG_LENGTH",
+    "_ACTIVE",
+    "_TRANSITIONS",
     "BrokerConfig",
     "BrokerState",
     "ClientRec",
@@ -537,6 +537,19 @@ class BrokerState(ClientSide):
             self._maybe_release(self.tasks[dep])
         self._maybe_release(t)
 
+    def _stop_on_worker(self, t: Task) -> None:
+        """Take a processing task off its worker: cancel it there (if it already
+        runs, its thread stays busy, counted as a zombie, until it reports back)."""
+        w = self.workers.get(t.processing_on or b"")
+        if w is not None:
+            w.processing.pop(t.key, None)
+            w.seceded.discard(t.key)
+            self._release_resources(w, t)
+            self._send(w.ident, P.CancelTasks([t.key]))
+            w.zombies.add(t.key)
+            self._dirty = True
+        t.processing_on = None
+
     def _fail(self, t: Task, frames: list[Any], text: str) -> None:
         """Err ``t`` and, transitively, everything waiting on it."""
         stack = [t]
@@ -546,15 +559,7 @@ class BrokerState(ClientSide):
             if t.state is TaskState.ERRED:
                 continue
             if t.processing_on is not None:
-                w = self.workers.get(t.processing_on)
-                if w is not None:
-                    w.processing.pop(t.key, None)
-                    w.seceded.discard(t.key)
-                    self._release_resources(w, t)
-                    self._send(w.ident, P.CancelTasks([t.key]))
-                    w.zombies.add(t.key)
-                    self._dirty = True
-                t.processing_on = None
+                self._stop_on_worker(t)
             self._transition(t, TaskState.ERRED, text[:200])
             self.counters["tasks_erred"] += 1
             t.error = (frames, text)
@@ -806,15 +811,7 @@ class BrokerState(ClientSide):
                 t.queued = 0
                 self._transition(t, TaskState.RELEASED, "not needed")
             elif t.state is TaskState.PROCESSING:
-                w = self.workers.get(t.processing_on or b"")
-                if w is not None:
-                    w.processing.pop(t.key, None)
-                    w.seceded.discard(t.key)
-                    self._release_resources(w, t)
-                    self._send(w.ident, P.CancelTasks([t.key]))
-                    w.zombies.add(t.key)
-                    self._dirty = True
-                t.processing_on = None
+                self._stop_on_worker(t)
                 self._transition(t, TaskState.RELEASED, "not needed")
             else:
                 released = False

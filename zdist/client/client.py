@@ -307,7 +307,7 @@ class Client:
         ):
             raise TypeError("Dask/zdist map requires iterables of arguments")
         fn = self._dumps_function(func)
-        arg_lists = list(zip(*iterables))
+        arg_lists = list(zip(*iterables, strict=False))
         fl = P.FrameList()
         fn_ref = fl.add([fn])
         entries = []
@@ -542,7 +542,7 @@ class Client:
             wait(futures)
             self.replicate(futures)
         if isinstance(data, Mapping):
-            return dict(zip(data.keys(), futures))
+            return dict(zip(data.keys(), futures, strict=False))
         if isinstance(data, (list, tuple, set, frozenset)):
             return (
                 type(data)(futures)
@@ -599,7 +599,7 @@ class Client:
             elif errors == "raise":
                 raise st.exception()
         if fetch:
-            for f, v in zip(fetch, self._fetch_values(fetch, None)):
+            for f, v in zip(fetch, self._fetch_values(fetch, None), strict=False):
                 values[f.key] = v
         return _pack_futures(futures, values, errors == "skip")
 

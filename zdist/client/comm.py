@@ -101,7 +101,8 @@ class Connection:
         if not self._welcomed.wait(self.timeout):
             self.close()
             raise TimeoutError(
-                f"no answer from a zdist broker at {self.address} within {self.timeout} s: "
+                f"no answer from a zdist broker at {self.address} within "
+                f"{self.timeout} s: "
                 f"check the address, that the broker runs, and that you hold this "
                 f"cluster's keys (CurveZMQ refuses a wrong key pair silently)"
             )

@@ -61,8 +61,8 @@ def wait(
                 raise TimeoutError(f"no future done within {timeout} s")
             signal.wait(remaining)
             signal.clear()
-    done = {f for f in futures if f.done()}
-    return DoneAndNotDoneFutures(done, {f for f in futures if f not in done})
+    finished = {f for f in futures if f.done()}
+    return DoneAndNotDoneFutures(finished, {f for f in futures if f not in finished})
 
 
 class as_completed:

@@ -26,7 +26,7 @@ logger = logging.getLogger("zdist.worker")
 
 
 def parse_bytes(text: str | int | float) -> int:
-    """dask's units: ``"4GB"`` = 4e9, ``"4GiB"`` = 4 * 2**30, plain numbers are bytes."""
+    """dask's units: ``"4GB"`` = 4e9, ``"4GiB"`` = 4 * 2**30, plain numbers: bytes."""
     if isinstance(text, float):
         text = repr(text)
     try:
@@ -54,7 +54,7 @@ def resolve_memory_limit(text: str, nworkers: int) -> int:
 
 
 def detect_gpus() -> list[str]:
-    """Visible GPUs: CUDA_VISIBLE_DEVICES if set, else the ids ``nvidia-smi -L`` lists."""
+    """Visible GPUs: CUDA_VISIBLE_DEVICES if set, else those ``nvidia-smi -L`` lists."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [
@@ -144,13 +144,13 @@ def resolve_connection(
         sec = Security.from_dict(info["security"])
     elif scheduler_file and "security" in info and info["security"] is None:
         raise SecurityError(
-            f"{scheduler_file} says the broker runs without security; pass --no-security "
-            f"to join it"
+            f"{scheduler_file} says the broker runs without security; pass "
+            f"--no-security to join it"
         )
     else:
         raise SecurityError(
-            f"no credentials for {address}: zdist clusters are secured by default. Pass "
-            f"--scheduler-file (written by zbroker), --security-file PATH, or "
+            f"no credentials for {address}: zdist clusters are secured by default. "
+            f"Pass --scheduler-file (written by zbroker), --security-file PATH, or "
             f"--no-security for a broker started with --no-security"
         )
     return address, sec

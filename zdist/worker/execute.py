@@ -50,7 +50,7 @@ class FunctionCache:
         runs[1] = max(runs[1], duration)
 
     def is_quick(self, group: str) -> bool:
-        """Every run so far (at least QUICK_AFTER_RUNS) took under QUICK_TASK_SECONDS."""
+        """All runs so far (at least QUICK_AFTER_RUNS) took under QUICK_TASK_SECONDS."""
         runs = self._runs.get(group)
         return (
             runs is not None

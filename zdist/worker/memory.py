@@ -117,7 +117,7 @@ class SpillBuffer(MutableMapping[str, Any]):
     # --- spilling ---------------------------------------------------------------------
 
     def evict(self, below: int) -> int:
-        """Move least recently used values to disk until memory holds ``below`` bytes."""
+        """Move least recently used values to disk until memory holds ``below``."""
         moved = 0
         while self.fast_bytes > below and self.fast:
             with self._lock:

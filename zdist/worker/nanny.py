@@ -25,7 +25,7 @@ from zdist.worker.worker import WorkerConfig
 
 logger = logging.getLogger(__name__)
 
-#: Restarts allowed per worker slot within RESTART_WINDOW before the supervisor gives up.
+#: Restarts allowed per worker within RESTART_WINDOW before the supervisor gives up.
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 #: Seconds a SIGTERM'd worker gets to finish running tasks before SIGKILL.

@@ -165,7 +165,7 @@ class Worker:
     # public
 
     def run(self) -> None:
-        """Serve until stopped, the broker stays away past death_timeout, or lifetime."""
+        """Serve until stopped, the broker is away past death_timeout, or lifetime."""
         self._io_thread = threading.current_thread()
         for _ in range(self.nthreads):
             self._start_thread()
