@@ -56,8 +56,12 @@ class Dashboard:
             int(self.httpd.server_address[1]),
         )
         self.link = f"http://{self.host}:{self.port}/status?token={self.token}"
+        # A short poll interval: shutdown() waits for the serving loop to look up.
         self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="dashboard", daemon=True
+            target=self.httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="dashboard",
+            daemon=True,
         )
         self._thread.start()
 

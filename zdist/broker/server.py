@@ -88,6 +88,10 @@ class BrokerServer:
         self.counters = self.state.counters
         self.counters.update(dropped=0, payload_bytes_forwarded=0, messages_in=0)
         self._stop = threading.Event()
+        # stop() (from a signal handler or another thread) wakes the poll at once.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._log = RateLimitedLog(logger)
         self.state.log_lines = lambda: [list(r) for r in log_buffer().records]
         self.dashboard: Dashboard | None = None
@@ -102,6 +106,7 @@ class BrokerServer:
         """Run the poll loop until :meth:`stop`; closes the sockets on the way out."""
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         tick_every = self.config.heartbeat_interval * TICK_FRACTION
         next_tick = time.monotonic()
         try:
@@ -197,6 +202,10 @@ class BrokerServer:
 
     def stop(self) -> None:
         self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # closed already, or full: the loop is waking anyway
+            pass
 
     def close(self) -> None:
         if self.dashboard is not None:
@@ -207,6 +216,11 @@ class BrokerServer:
             self._auth.stop()
             self._auth = None
         self.ctx.term()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def _public_host() -> str:
