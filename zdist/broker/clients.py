@@ -468,14 +468,11 @@ class ClientSide(_Base):
             if not msg.workers or w.address in msg.workers or w.name in msg.workers
         ]
         req = next(self._req)
-        pending = self._runs[req] = _Pending(
-            ident, msg.request_id, {w.ident for w in targets}
-        )
+        self._runs[req] = _Pending(ident, msg.request_id, {w.ident for w in targets})
         for w in targets:
             self._runs_by_worker.setdefault(w.ident, set()).add(req)
             self._send(w.ident, P.RunFunction(req), payload)
-        self._finish_run(req)
-        del pending
+        self._finish_run(req)  # answers at once when there is no worker
 
     def _on_function_result(
         self, ident: bytes, msg: P.FunctionResult, payload: list[Any]

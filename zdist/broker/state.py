@@ -24,7 +24,6 @@ import itertools
 import logging
 import pickle
 from collections import deque
-from collections.abc import Iterable
 from typing import Any
 
 from zdist import protocol as P
@@ -885,7 +884,3 @@ BrokerState._handlers = {
     P.InfoRequest: BrokerState._on_info_request,
     P.FireAndForget: BrokerState._on_fire_and_forget,
 }
-
-
-def iter_keys(values: Iterable[Any]) -> list[str]:
-    return [v for v in values if isinstance(v, str)]

@@ -732,9 +732,6 @@ class Client:
             data = f.read()
         return self.run(_install_file, os.path.basename(filename), data, load)
 
-    def who_has(self, futures: Any = None) -> dict[str, Any]:
-        raise NotImplementedError("who_has is not available yet")
-
     @property
     def dashboard_link(self) -> str | None:
         """The dashboard's URL, token included (None if the broker serves none)."""
