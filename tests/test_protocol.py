@@ -302,7 +302,7 @@ def test_ref_frames_rejects_bad_refs(ref: Any) -> None:
 def test_frame_list_hands_out_refs_in_order() -> None:
     fl = P.FrameList()
     a = fl.add([b"a1", b"a2"])
-    b = fl.add([b"b"])
+    b = fl.add([b"b"], inline=False)
     empty = fl.add([])
     assert a == [0, 2]
     assert b == [2, 1]
@@ -315,14 +315,14 @@ def test_frame_list_hands_out_refs_in_order() -> None:
 def test_frame_list_share_adds_the_same_object_once() -> None:
     fl = P.FrameList()
     fn = [b"pickled-function"]
-    r1 = fl.add(fn, share=True)
-    r2 = fl.add(fn, share=True)
+    r1 = fl.add(fn, share=True, inline=False)
+    r2 = fl.add(fn, share=True, inline=False)
     assert r1 == r2 == [0, 1]
     assert fl.frames == [b"pickled-function"]
     # without share the same object is added again
-    assert fl.add(fn) == [1, 1]
+    assert fl.add(fn, inline=False) == [1, 1]
     # an equal but distinct list is not shared
-    assert fl.add([b"pickled-function"], share=True) == [2, 1]
+    assert fl.add([b"pickled-function"], share=True, inline=False) == [2, 1]
     assert fl.frames == [b"pickled-function"] * 3
 
 
@@ -332,7 +332,7 @@ def test_frame_list_share_does_not_confuse_a_new_list_at_a_reused_address() -> N
     fl = P.FrameList()
     refs = []
     for i in range(20):
-        refs.append(fl.add([f"value-{i}".encode()], share=True))
+        refs.append(fl.add([f"value-{i}".encode()], share=True, inline=False))
         gc.collect()
     assert [P.ref_frames(fl.frames, r) for r in refs] == [
         [f"value-{i}".encode()] for i in range(20)
@@ -342,28 +342,55 @@ def test_frame_list_share_does_not_confuse_a_new_list_at_a_reused_address() -> N
 def test_frame_list_refs_are_independent_lists() -> None:
     fl = P.FrameList()
     fn = [b"f"]
-    r1 = fl.add(fn, share=True)
+    r1 = fl.add(fn, share=True, inline=False)
+    assert isinstance(r1, list)
     r1[0] = 99  # a caller mutating its ref must not corrupt later ones
-    assert fl.add(fn, share=True) == [0, 1]
+    assert fl.add(fn, share=True, inline=False) == [0, 1]
+
+
+def test_frame_list_carries_a_small_single_frame_in_the_header() -> None:
+    fl = P.FrameList()
+    small = b"x" * P.INLINE_FRAME
+    assert fl.add([small]) == small
+    assert fl.add([memoryview(b"abc")]) == b"abc"
+    assert fl.add([bytearray(b"abc")]) == b"abc"
+    assert fl.frames == []  # nothing became a frame
+    big = b"y" * (P.INLINE_FRAME + 1)
+    assert fl.add([big]) == [0, 1]
+    assert fl.add([b"a", b"b"]) == [1, 2]  # several frames (out-of-band buffers)
+    assert fl.add([b"f"], share=True, inline=False) == [3, 1]
+    assert fl.frames == [big, b"a", b"b", b"f"]
+    # and back through a message: the header carries the small one as bytes
+    msg, payload = P.decode(
+        P.encode(P.TaskUpdates([["k", "finished", fl.add([b"v"]), ""]]), fl.frames)
+    )
+    assert isinstance(msg, P.TaskUpdates)
+    assert P.ref_frames(payload, msg.updates[0][2]) == [b"v"]
 
 
 def test_frame_list_round_trips_through_a_message() -> None:
     fl = P.FrameList()
     fn = [b"fn"]
     entries = [
-        ["a", fl.add(fn, share=True), fl.add([b"args-a"]), [], None],
-        ["b", fl.add(fn, share=True), fl.add([b"args-b", b"buf"]), [], None],
+        ["a", fl.add(fn, share=True, inline=False), fl.add([b"args-a"]), [], None],
+        [
+            "b",
+            fl.add(fn, share=True, inline=False),
+            fl.add([b"args-b", b"b"]),
+            [],
+            None,
+        ],
     ]
     msg, payload = P.decode(P.encode(P.RunTasks(entries), fl.frames))
     assert isinstance(msg, P.RunTasks)
-    assert payload == [b"fn", b"args-a", b"args-b", b"buf"]
+    assert payload == [b"fn", b"args-b", b"b"]  # args-a rode in the header
     got = {
         key: (P.ref_frames(payload, f), P.ref_frames(payload, a))
         for key, f, a, _, _ in msg.tasks
     }
     assert got == {
         "a": ([b"fn"], [b"args-a"]),
-        "b": ([b"fn"], [b"args-b", b"buf"]),
+        "b": ([b"fn"], [b"args-b", b"b"]),
     }
 
 

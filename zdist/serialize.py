@@ -149,8 +149,31 @@ class _ArgsCloudPickler(cloudpickle.Pickler):
         return None
 
 
+def _plain(obj: Any, depth: int = 0) -> bool:
+    """Only scalars in small tuples, lists and str-keyed dicts: nothing that can be a
+    task reference, a buffer or ``__main__`` code, so the C pickle needs no help."""
+    t = type(obj)
+    if t in _SCALARS or t is bytes:
+        return True
+    if depth > 3 or (t is not tuple and t is not list and t is not dict):
+        return False
+    if len(obj) > 32:
+        return False
+    if t is dict:
+        for k, v in obj.items():
+            if type(k) is not str or not _plain(v, depth + 1):
+                return False
+        return True
+    for x in obj:
+        if not _plain(x, depth + 1):
+            return False
+    return True
+
+
 def dumps_args(obj: Any) -> tuple[list[Any], list[str]]:
     """Serialise task arguments; returns the frames and the referenced keys in order."""
+    if _plain(obj):  # a map's ((x,), {}): no pickler object, no persistent ids
+        return [pickle.dumps(obj, PROTOCOL)], []
     for pickler_class in (_ArgsPickler, _ArgsCloudPickler):
         frames: list[Any] = [b""]
         deps: dict[str, None] = {}

@@ -108,6 +108,8 @@ class ClientSide(_Base):
         frames_cache: dict[tuple[int, int], list[Any]] = {}
 
         def frames_for(ref: Any) -> list[Any]:
+            if type(ref) is bytes:  # a small frame carried in the header
+                return [ref]
             # One list per distinct ref, so that tasks sharing a function frame share
             # it in RunTasks too (FrameList.add(share=True)).
             # Types first: (True, 1) == (1, 1) would hit another ref's cache entry.

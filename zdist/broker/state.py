@@ -771,7 +771,7 @@ class BrokerState(ClientSide):
             else:
                 holder = self.workers[next(iter(dt.who_has))]
                 deps.append([d, holder.address])
-        fn_ref = None if t.fn is None else frames.add(t.fn, share=True)
+        fn_ref = None if t.fn is None else frames.add(t.fn, share=True, inline=False)
         entries.append([t.key, fn_ref, frames.add(t.args), deps, t.resources])
 
     def _release_resources(self, w: Worker, t: Task) -> None:

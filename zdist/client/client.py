@@ -269,7 +269,7 @@ class Client:
         fl = P.FrameList()
         entry = [
             key,
-            fl.add([fn]),
+            fl.add([fn], inline=False),
             fl.add(frames),
             deps,
             priority,
@@ -309,7 +309,7 @@ class Client:
         fn = self._dumps_function(func)
         arg_lists = list(zip(*iterables, strict=False))
         fl = P.FrameList()
-        fn_ref = fl.add([fn])
+        fn_ref = fl.add([fn], inline=False)
         entries = []
         futures = []
         wants = []
@@ -415,7 +415,9 @@ class Client:
         for k, func, args in tasks:
             fn_ref = fn_refs.get(func)
             if fn_ref is None:
-                fn_ref = fn_refs[func] = fl.add([self._dumps_function(func)])
+                fn_ref = fn_refs[func] = fl.add(
+                    [self._dumps_function(func)], inline=False
+                )
             try:
                 frames, deps = serialize.dumps_args((args, {}))
             except Exception as exc:

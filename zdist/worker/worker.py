@@ -412,7 +412,7 @@ class Worker:
             t = _Task(key, fn, P.ref_frames(payload, args_ref))
             t.has_deps = bool(deps)
             for dep, where in deps:
-                if isinstance(where, list):
+                if isinstance(where, (list, bytes)):
                     t.inline[dep] = P.ref_frames(payload, where)
                 elif where and dep not in self.data:
                     t.missing.add(dep)
