@@ -249,6 +249,15 @@ def _credentials(kind: str, security: Security) -> dict[str, bytes] | None:
     }
 
 
+def _send(sock: zmq.Socket[Any], frames: list[Any]) -> None:
+    """Send without blocking: once a refused handshake has dropped the connection, a
+    DEALER with no peer would block for ever (the message is then simply lost)."""
+    try:
+        sock.send_multipart(frames, zmq.NOBLOCK)
+    except zmq.Again:
+        pass
+
+
 def _dealer(
     ctx: zmq.Context[Any], address: str, creds: dict[str, bytes] | None, role: str
 ) -> zmq.Socket[Any]:
@@ -334,12 +343,12 @@ def test_broker_refuses_peers_without_the_member_keys(
     try:
         as_client = _dealer(ctx, target.address, creds, "c")
         submit, payload = _submit_markers(markers)
-        as_client.send_multipart(P.encode(P.RegisterClient("attacker", versions())))
-        as_client.send_multipart(P.encode(submit, payload))
-        as_client.send_multipart(P.encode(P.InfoRequest(1, "scheduler_info")))
+        _send(as_client, P.encode(P.RegisterClient("attacker", versions())))
+        _send(as_client, P.encode(submit, payload))
+        _send(as_client, P.encode(P.InfoRequest(1, "scheduler_info")))
         as_worker = _dealer(ctx, target.address, creds, "w")
-        as_worker.send_multipart(P.encode(_register_worker([held.key])))
-        as_worker.send_multipart(P.encode(P.Heartbeat({})))
+        _send(as_worker, P.encode(_register_worker([held.key])))
+        _send(as_worker, P.encode(P.Heartbeat({})))
 
         # Legitimate work through the same broker after the attack: tasks that the
         # attacker's worker would be offered if it had been admitted.
@@ -367,21 +376,21 @@ def test_probe_with_member_keys_is_served(target: Target, tmp_path: Path) -> Non
         sock = _dealer(
             ctx, target.address, _credentials("member-keys", target.security), "c"
         )
-        sock.send_multipart(P.encode(P.RegisterClient("probe", versions())))
+        _send(sock, P.encode(P.RegisterClient("probe", versions())))
         msg, _ = _recv_message(sock)
         assert isinstance(msg, P.Welcome)
         submit, payload = _submit_markers(markers)
-        sock.send_multipart(P.encode(submit, payload))
+        _send(sock, P.encode(submit, payload))
         wait_for(lambda: all(m.exists() for m in markers), 60, what="probe tasks")
-        sock.send_multipart(P.encode(P.ClientClose()))
+        _send(sock, P.encode(P.ClientClose()))
 
         as_worker = _dealer(
             ctx, target.address, _credentials("member-keys", target.security), "w"
         )
-        as_worker.send_multipart(P.encode(_register_worker([])))
+        _send(as_worker, P.encode(_register_worker([])))
         msg, _ = _recv_message(as_worker)
         assert isinstance(msg, P.Welcome)
-        as_worker.send_multipart(P.encode(P.WorkerStatus("closed", [])))
+        _send(as_worker, P.encode(P.WorkerStatus("closed", [])))
         wait_for(
             lambda: all(
                 w["name"] != "attacker-worker"
@@ -395,7 +404,7 @@ def test_probe_with_member_keys_is_served(target: Target, tmp_path: Path) -> Non
 
 
 def _get_data(sock: zmq.Socket[Any], keys: list[str]) -> None:
-    sock.send_multipart(P.encode(P.GetData(7, keys)))
+    _send(sock, P.encode(P.GetData(7, keys)))
 
 
 @pytest.mark.parametrize("kind", ATTACKERS)
@@ -665,7 +674,7 @@ def test_no_key_in_debug_logs(
             bad = _dealer(
                 ctx, zb.address, _credentials("unlisted-keypair", zb.security), "c"
             )
-            bad.send_multipart(P.encode(P.RegisterClient("attacker", versions())))
+            _send(bad, P.encode(P.RegisterClient("attacker", versions())))
             wait_for(
                 lambda: "refused a CURVE connection" in zb.broker_log.read_text(),
                 30,

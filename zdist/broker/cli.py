@@ -13,6 +13,7 @@ import click
 import zmq
 
 from zdist import protocol as P
+from zdist._gc import tune_for_service
 from zdist._lifeline import watch_stdin
 from zdist._version import __version__
 from zdist.broker.server import BrokerServer, ServerConfig
@@ -215,6 +216,7 @@ def main(
         click.echo(f"zbroker dashboard at {server.dashboard.link}")
     sys.stdout.flush()
     logger.info("broker at %s (pid %d)", server.address, os.getpid())
+    tune_for_service()
     server.serve_forever()
     logger.info("broker stopped")
 

@@ -18,7 +18,6 @@ from zdist.broker.records import (
     TaskState,
     _check_resources,
     _dependency_order,
-    _is_number,
     _Pending,
 )
 from zdist.errors import GraphError
@@ -129,48 +128,47 @@ class ClientSide(_Base):
         # Parse and check the whole batch before changing anything: a bad graph is
         # rejected as a whole and nothing of it runs.
         forward_ref = False
+        # The per-entry checks are written out (exact types, no helper calls): this
+        # loop runs once per task of every submission.
         for entry in msg.tasks:
-            if not isinstance(entry, list) or len(entry) != 9:
+            if type(entry) is not list or len(entry) != 9:
                 raise P.ProtocolError("malformed task entry")
             key, fn_ref, args_ref, deps, prio, retries, resources, workers, loose = (
                 entry
             )
-            if not isinstance(key, str) or not isinstance(deps, list):
+            if type(key) is not str or type(deps) is not list:
                 raise P.ProtocolError("malformed task entry")
             for d in deps:
                 if type(d) is not str:
                     raise P.ProtocolError("dependency keys must be strings")
-            if not _is_number(prio) or type(retries) is not int:
+            if (type(prio) is not int and type(prio) is not float) or type(
+                retries
+            ) is not int:
                 raise P.ProtocolError(f"malformed priority or retries for {key!r}")
             if resources is not None:
                 _check_resources(resources)
             if workers is not None and not (
-                isinstance(workers, list) and all(isinstance(x, str) for x in workers)
+                type(workers) is list and all(type(x) is str for x in workers)
             ):
                 raise P.ProtocolError(f"malformed worker restriction for {key!r}")
-            if not isinstance(loose, bool):
+            if type(loose) is not bool:
                 raise P.ProtocolError(f"malformed allow_other_workers for {key!r}")
             fn = None if fn_ref is None else frames_for(fn_ref)
-            args = frames_for(args_ref)
+            args = [args_ref] if type(args_ref) is bytes else frames_for(args_ref)
             if key in tasks or key in new:
                 continue  # pure dedup: the first definition wins
-            # A key named twice (an argument used twice) is one dependency: counted
-            # twice it would keep the task waiting forever.
-            if len(deps) > 1:
-                deps = list(dict.fromkeys(deps))
-            for d in deps:
-                if d not in tasks and d not in new:
-                    forward_ref = True
-            new[key] = (
-                fn,
-                args,
-                tuple(deps),
-                int(prio),
-                retries,
-                resources,
-                workers,
-                loose,
-            )
+            if deps:
+                # A key named twice (an argument used twice) is one dependency:
+                # counted twice it would keep the task waiting forever.
+                if len(deps) > 1:
+                    deps = list(dict.fromkeys(deps))
+                for d in deps:
+                    if d not in tasks and d not in new:
+                        forward_ref = True
+                deps = tuple(deps)
+            else:
+                deps = ()
+            new[key] = (fn, args, deps, int(prio), retries, resources, workers, loose)
         problem = None
         if forward_ref:
             dangling = sorted(
@@ -250,25 +248,28 @@ class ClientSide(_Base):
         start = job.done
         keys = job.order[start : start + n]
         pinned = len(job.order) > INSERT_SLICE
+        new = job.new
+        seq = job.seq
+        submitted = self.monitor.submitted
+        made = []
         for i, key in enumerate(keys, start):
-            fn, args, deps, prio, retries, resources, workers, loose = job.new[key]
+            fn, args, deps, prio, retries, resources, workers, loose = new[key]
             restrict = None
             if workers:
                 restrict = (set(workers), loose)
-            t = Task(
-                key, fn, args, deps, (-prio, job.seq, i), retries, resources, restrict
-            )
+            t = Task(key, fn, args, deps, (-prio, seq, i), retries, resources, restrict)
             tasks[key] = t
             graph.add(key, deps)
-            t.group = self.monitor.submitted(key)
+            t.group = submitted(key)
             if pinned:  # not released before its dependents of later slices arrive
                 t.wanted_by.add(INSERTING)
+            made.append(t)
         if job.ident in self.clients:
-            for key in keys:
-                if key in job.wanted:
-                    tasks[key].wanted_by.add(job.ident)
-        for key in keys:
-            t = tasks[key]
+            wanted = job.wanted
+            for t in made:
+                if t.key in wanted:
+                    t.wanted_by.add(job.ident)
+        for t in made:
             if t.state is TaskState.RELEASED:
                 self._schedule_new(t)
         job.done += len(keys)
@@ -303,6 +304,11 @@ class ClientSide(_Base):
                 self._maybe_forget(nt)
 
     def _schedule_new(self, t: Task) -> None:
+        if not t.deps:  # most tasks: nothing to wait for
+            t.waiting_on = 0
+            self._transition(t, TaskState.READY, "submitted")
+            self._push_ready(t)
+            return
         tasks = self.tasks
         deps = [tasks[d] for d in t.deps]
         erred = next((d for d in deps if d.state is TaskState.ERRED), None)

@@ -521,20 +521,23 @@ class BrokerState(ClientSide):
         t.nbytes = nbytes
         t.typename = typename
         t.inline = inline
-        for c in t.wanted_by:
-            self._update(c, t.key, "finished", inline, "")
-        t.wanted_by.discard(FIRE_AND_FORGET)
-        graph = self.graph
-        for d in graph.dependents(t.key):
-            dt = self.tasks[d]
+        wanted_by = t.wanted_by
+        if wanted_by:
+            for c in wanted_by:
+                self._update(c, t.key, "finished", inline, "")
+            wanted_by.discard(FIRE_AND_FORGET)
+        tasks = self.tasks
+        for d in self.graph.dependents(t.key):
+            dt = tasks[d]
             if dt.state is TaskState.WAITING:
                 dt.waiting_on -= 1
                 if dt.waiting_on == 0:
                     self._transition(dt, TaskState.READY, "deps done")
                     self._push_ready(dt)
         for dep in t.deps:
-            self._maybe_release(self.tasks[dep])
-        self._maybe_release(t)
+            self._maybe_release(tasks[dep])
+        if not wanted_by and not t.n_active:  # else still needed: nothing to release
+            self._maybe_release(t)
 
     def _stop_on_worker(self, t: Task) -> None:
         """Take a processing task off its worker: cancel it there (if it already
@@ -696,23 +699,38 @@ class BrokerState(ClientSide):
         # Least-occupied worker first (per thread), one task at a time, so an idle
         # worker gets work before a busy one's pipeline grows, and a burst of short
         # tasks spreads evenly.
-        heap = [
-            (w.occupancy() / w.nthreads, i, w)
-            for i, w in enumerate(self.workers.values())
-            if w.free_slots() > 0
-        ]
+        # Free slots are counted once per worker here (capacity does not change
+        # while dispatching; each assignment takes one slot).
+        heap = []
+        for i, w in enumerate(self.workers.values()):
+            free = w.free_slots()
+            if free > 0:
+                heap.append((w.occupancy() / w.nthreads, i, w, free))
         heapq.heapify(heap)
+        heappop, heappush = heapq.heappop, heapq.heappush
         while heap:
-            _, i, w = heapq.heappop(heap)
+            load, i, w, free = heappop(heap)
             t = self._next_task_for(w)
             if t is None:
                 continue
             self._assign(t, w)
-            if w.free_slots() > 0:
-                heapq.heappush(heap, (w.occupancy() / w.nthreads, i, w))
+            if free > 1:
+                heappush(heap, (load + 1 / w.nthreads, i, w, free - 1))
 
     def _next_task_for(self, w: Worker) -> Task | None:
         tasks = self.tasks
+        ready = self.ready
+        if not w.local_queue:
+            # The usual case first: the shared queue's best task can run anywhere.
+            while ready:
+                entry = heapq.heappop(ready)
+                t = tasks.get(entry[2])
+                if t is None or t.queued != entry[1] or t.state is not TaskState.READY:
+                    continue  # stale entry
+                if t.restrict is None and not t.resources:
+                    return t
+                heapq.heappush(ready, entry)  # restricted: the general search below
+                break
         for heap in (w.local_queue, self.ready):
             skipped = []
             found = None
@@ -721,7 +739,7 @@ class BrokerState(ClientSide):
                 t = tasks.get(entry[2])
                 if t is None or t.queued != entry[1] or t.state is not TaskState.READY:
                     continue  # stale entry
-                if self._can_run(t, w):
+                if (t.restrict is None and not t.resources) or self._can_run(t, w):
                     found = t
                     break
                 if not self._could_ever_run(t):
@@ -819,7 +837,7 @@ class BrokerState(ClientSide):
                 del tasks[t.key]
                 self.graph.remove(t.key)
                 t.queued = 0
-            if forget or released:
+            if (forget or released) and t.deps:
                 stack.extend(tasks[d] for d in t.deps if d in tasks)
 
     def _maybe_forget(self, t: Task) -> None:

@@ -28,6 +28,9 @@ _default_client: Client | None = None
 _default_lock = threading.Lock()
 #: Pickled functions kept per client, so a loop of submit(f, i) pickles f once.
 _FUNCTION_CACHE_SIZE = 256
+#: Tasks per Submit message of a large map or graph: the broker and workers start on
+#: the first chunk while the client pickles the rest.
+SUBMIT_CHUNK = 1000
 
 
 def default_client() -> Client | None:
@@ -310,13 +313,19 @@ class Client:
         arg_lists = list(zip(*iterables, strict=False))
         fl = P.FrameList()
         fn_ref = fl.add([fn], inline=False)
-        entries = []
+        entries: list[list[Any]] = []
         futures = []
-        wants = []
+        wants: list[str] = []
         name = _funcname(func)
         wl = _worker_list(workers)
         with self._lock:
             for i, args in enumerate(arg_lists):
+                if len(entries) >= SUBMIT_CHUNK:
+                    # The broker starts on these while the rest is being pickled.
+                    self._conn.send(P.Submit(entries, wants), fl.frames)
+                    fl = P.FrameList()
+                    fn_ref = fl.add([fn], inline=False)
+                    entries, wants = [], []
                 frames, deps = _dumps_args(func, (args, kwargs))
                 if isinstance(key, list):
                     k = key[i]
@@ -388,10 +397,13 @@ class Client:
         # ready tasks in this order (after higher ``priority``, and after earlier
         # graphs), so for dask collections it is dask.order's.
         tasks: list[tuple[Hashable, Callable[..., Any], Any]]
+        deps_of: Mapping[Hashable, Iterable[Hashable]]
         if graphspec.from_dask(dsk):
             from zdist.client import dask_support
 
             tasks = dask_support.graph_tasks(dsk, wanted)
+            # graph_tasks' arguments are (node, {dependency: KeyRef})
+            deps_of = {k: args[1] for k, _, args in tasks}
         else:
             converted, deps_of = graphspec.convert_graph(dsk, wanted)
             order = _toposort(deps_of)  # raises GraphError on a cycle
@@ -408,42 +420,94 @@ class Client:
                 f"requested key(s) {missing[:5]!r} are not in the graph and not held "
                 f"by this client"
             )
-        fl = P.FrameList()
-        fn_refs: dict[Any, Any] = {}
-        entries = []
-        wl = _worker_list(workers)
-        for k, func, args in tasks:
-            fn_ref = fn_refs.get(func)
-            if fn_ref is None:
-                fn_ref = fn_refs[func] = fl.add(
-                    [self._dumps_function(func)], inline=False
-                )
-            try:
-                frames, deps = serialize.dumps_args((args, {}))
-            except Exception as exc:
-                raise TypeError(f"cannot serialize task {k!r}: {exc}") from exc
-            entries.append(
-                [
-                    graphspec.stringify(k),
-                    fn_ref,
-                    fl.add(frames),
-                    deps,
-                    priority,
-                    retries or 0,
-                    resources,
-                    wl,
-                    False,
-                ]
-            )
         futures: dict[Hashable, Future] = {}
         with self._lock:
             for k in wanted:
-                skey = graphspec.stringify(k)
-                futures[k] = Future(skey, self)
-        self._conn.send(
-            P.Submit(entries, [graphspec.stringify(k) for k in futures]), fl.frames
+                futures[k] = Future(graphspec.stringify(k), self)
+        wanted_keys = [graphspec.stringify(k) for k in futures]
+        self._send_graph(
+            tasks, deps_of, wanted_keys, workers, resources, retries, priority
         )
         return futures
+
+    def _send_graph(
+        self,
+        tasks: list[tuple[Hashable, Callable[..., Any], Any]],
+        deps_of: Mapping[Hashable, Iterable[Hashable]],
+        wanted_keys: list[str],
+        workers: Any,
+        resources: Any,
+        retries: int | None,
+        priority: int,
+    ) -> None:
+        """Pickle and send ``tasks`` (dependencies first). A large graph goes in
+        chunks of SUBMIT_CHUNK, so the broker and workers start while the rest is
+        pickled. A task with a dependent in a later chunk is wanted by this client
+        until that chunk is sent (else, finished and wanted by nobody, it would be
+        forgotten before its dependent arrives); then that pin is dropped."""
+        stringify = graphspec.stringify
+        chunk = SUBMIT_CHUNK
+        last_chunk: dict[str, int] = {}  # key -> chunk of its last dependent
+        if len(tasks) > chunk:
+            for i, (k, _, _) in enumerate(tasks):
+                for d in deps_of.get(k, ()):
+                    last_chunk[stringify(d)] = i // chunk
+        wanted = set(wanted_keys)
+        unpin_after: dict[int, list[str]] = {}  # chunk -> pins it makes needless
+        fl = P.FrameList()
+        fn_refs: dict[Any, Any] = {}
+        entries: list[list[Any]] = []
+        wl = _worker_list(workers)
+        n_chunk = 0
+        try:
+            for k, func, args in tasks:
+                if len(entries) >= chunk:
+                    pins = []
+                    for e in entries:
+                        later = last_chunk.get(e[0], -1)
+                        if later > n_chunk or e[0] in wanted:
+                            pins.append(e[0])
+                            if e[0] not in wanted:
+                                unpin_after.setdefault(later, []).append(e[0])
+                    self._conn.send(P.Submit(entries, pins), fl.frames)
+                    self._unpin(unpin_after.pop(n_chunk, []))
+                    fl, fn_refs, entries = P.FrameList(), {}, []
+                    n_chunk += 1
+                fn_ref = fn_refs.get(func)
+                if fn_ref is None:
+                    fn_ref = fn_refs[func] = fl.add(
+                        [self._dumps_function(func)], inline=False
+                    )
+                try:
+                    frames, deps = serialize.dumps_args((args, {}))
+                except Exception as exc:
+                    raise TypeError(f"cannot serialize task {k!r}: {exc}") from exc
+                entries.append(
+                    [
+                        stringify(k),
+                        fn_ref,
+                        fl.add(frames),
+                        deps,
+                        priority,
+                        retries or 0,
+                        resources,
+                        wl,
+                        False,
+                    ]
+                )
+        except BaseException:
+            # what was sent must not stay pinned by this client
+            self._unpin([k for keys in unpin_after.values() for k in keys])
+            raise
+        self._conn.send(P.Submit(entries, wanted_keys), fl.frames)
+        self._unpin([k for keys in unpin_after.values() for k in keys])
+
+    def _unpin(self, keys: list[str]) -> None:
+        """Drop this client's want of ``keys``, but of none it holds futures of."""
+        if keys:
+            with self._lock:
+                drop = [k for k in keys if k not in self._futures]
+            self._conn.send(P.ReleaseKeys(drop))
 
     def compute(
         self,
