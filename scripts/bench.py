@@ -24,7 +24,8 @@ Workloads (sizes for the full run; --quick divides them by ~10):
   W6 startup     2-worker LocalCluster to first result, then closed  s
   W7 fan-in      one task taking a list of 2,000 futures             tasks/s
   W8 scale       1,000,000-task chunked graph (dask: 100,000), once  s, bytes/task
-  W9 many workers  (not implemented yet; see w9_many_workers)
+  W9 many workers 1,000 simulated workers (bench_w9.py): the idle
+                 broker's CPU, then 100,000 tasks across them   % of a core, tasks/s
   W10 dask.array (x + x.T).mean() of a 10,000 x 10,000 random array in
                  1,000 x 1,000 chunks, via client.compute            s
 Security rows run W1 and W2 on a zdist cluster with security=False; every other
