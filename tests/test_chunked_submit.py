@@ -145,3 +145,37 @@ def test_map_spanning_many_chunks_returns_every_result_in_order(
     assert len({f.key for f in futures}) == 100
     del futures
     wait_for(lambda: _broker_tasks(c) == 0, what="broker holds no tasks")
+
+
+# --------------------------------------------------------------------------------------
+# the order a plain graph is sent in (pure, no cluster)
+
+
+def test_plain_graphs_go_depth_first_with_each_subtree_whole() -> None:
+    from zdist.client.client import _toposort
+
+    deps = {
+        "a": set(),
+        "b": set(),
+        "c": set(),
+        "d": set(),
+        "ab": {"a", "b"},
+        "cd": {"c", "d"},
+        "all": {"ab", "cd"},
+    }
+    assert _toposort(deps) == ["a", "b", "ab", "c", "d", "cd", "all"]
+    # a chain far deeper than the recursion limit, and unrelated outputs in key order
+    chain = {f"k{i}": {f"k{i - 1}"} if i else set() for i in range(50_000)}
+    chain["other"] = set()
+    order = _toposort(chain)
+    assert order == [f"k{i}" for i in range(50_000)] + ["other"]
+
+
+def test_a_cycle_is_reported_even_with_no_output_to_start_from() -> None:
+    from zdist.client.client import _toposort
+    from zdist.errors import GraphError
+
+    with pytest.raises(GraphError, match="cycle"):
+        _toposort({"a": {"b"}, "b": {"a"}})
+    with pytest.raises(GraphError, match="cycle"):
+        _toposort({"x": set(), "a": {"c", "x"}, "b": {"a"}, "c": {"b"}, "out": {"x"}})
