@@ -11,7 +11,31 @@ _HEX = re.compile(r"^[0-9a-f]{8,}$")
 _TUPLE_HEAD = re.compile(r"\(\s*['\"]([^'\"]+)['\"]")
 
 
+#: key_group of "<head>-<token>" keys by head (the keys of one map or graph layer
+#: differ only in their last token); bounded, cleared when full.
+_BY_HEAD: dict[str, str] = {}
+_BY_HEAD_SIZE = 4096
+
+
 def key_group(key: str) -> str:
+    """:func:`split_key`, remembered for keys that end in a digit or hex token."""
+    head, dash, tail = key.rpartition("-")
+    if not dash or not head or key[0] == "(":
+        return split_key(key)
+    got = _BY_HEAD.get(head)
+    if got is not None and (tail.isdigit() or _HEX.match(tail)):
+        return got
+    group = split_key(key)
+    if group != key and (tail.isdigit() or _HEX.match(tail)):
+        # The token is dropped and some word of the head is kept, so every
+        # "<head>-<token>" key has this group.
+        if len(_BY_HEAD) >= _BY_HEAD_SIZE:
+            _BY_HEAD.clear()
+        _BY_HEAD[head] = group
+    return group
+
+
+def split_key(key: str) -> str:
     """dask's ``key_split``: ``inc-1d26...`` -> ``inc``; ``('x-ab12', 0, 1)`` -> ``x``.
 
     Task groups are named by it: the dashboard, ``zdist status`` and ``progress`` all

@@ -809,11 +809,12 @@ class BrokerState(ClientSide):
         of a graph stops and forgets the rest of it (no recursion: chains are long).
         """
         tasks = self.tasks
+        n_dependents = self.graph.n_dependents
         stack = [t]
         while stack:
             t = stack.pop()
-            if tasks.get(t.key) is not t or self._needed(t):
-                continue
+            if t.wanted_by or t.n_active > 0 or tasks.get(t.key) is not t:
+                continue  # still needed (see _needed), or forgotten already
             released = True
             if t.state is TaskState.MEMORY:
                 for ident in t.who_has:
@@ -832,7 +833,7 @@ class BrokerState(ClientSide):
                 self._transition(t, TaskState.RELEASED, "not needed")
             else:
                 released = False
-            forget = not t.wanted_by and not self.graph.n_dependents(t.key)
+            forget = not t.wanted_by and not n_dependents(t.key)
             if forget:
                 del tasks[t.key]
                 self.graph.remove(t.key)
