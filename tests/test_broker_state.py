@@ -225,7 +225,9 @@ def runs(out: list[Any]) -> dict[bytes, dict[str, dict[str, Any]]]:
                     "fn": None if fn_ref is None else P.ref_frames(payload, fn_ref),
                     "args": P.ref_frames(payload, args_ref),
                     "deps": {
-                        d: P.ref_frames(payload, w) if isinstance(w, (list, bytes)) else w
+                        d: P.ref_frames(payload, w)
+                        if isinstance(w, (list, bytes))
+                        else w
                         for d, w in deps
                     },
                     "resources": resources,

@@ -237,11 +237,14 @@ class SendData(Message):
 @message(Op.DATA_REPLY)
 class DataReply(Message):
     """Reply to :class:`SendData` or :class:`GetData`: ``values`` is ``[key, ref]``;
-    ``missing`` lists keys the sender does not hold."""
+    ``missing`` lists keys the sender does not hold. ``shm`` (only to a
+    :class:`GetData` that offered a host token) is ``[key, path, [[offset, size],
+    ...]]`` per value left in a shared-memory file for the receiver to claim."""
 
     request_id: int
     values: list
     missing: list
+    shm: list | None = None
 
 
 @message(Op.RUN_FUNCTION)
@@ -289,8 +292,13 @@ class TaskSeceded(Message):
 
 @message(Op.GET_DATA)
 class GetData(Message):
+    """Worker -> worker. ``host``: the requester's shared-memory token
+    (zdist.worker.shm.host_token) or "": a server with the same token may reply
+    with files instead of bytes."""
+
     request_id: int
     keys: list
+    host: str = ""
 
 
 # --------------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ tasks, fetches their inputs from peers, hands ready tasks to ``nthreads`` task t
 and sends results back in batches. Task threads never touch a socket: they append to
 ``_done`` and write a byte to a pipe the loop polls. Heartbeats go out from the loop, so
 they continue during a long task.
+
+Large values between two workers of one host skip the (encrypting) socket: they pass
+through files in /dev/shm (zdist.worker.shm), written by a small thread pool.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +37,8 @@ from zdist.security import Security
 from zdist.worker import context
 from zdist.worker.execute import FunctionCache, Outcome, run_task
 from zdist.worker.memory import SpillBuffer, process_memory
+from zdist.worker.scratch import Janitor, make_local_directory
+from zdist.worker.shm import MIN_SHM_BYTES, SharedMemory, ShmError
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,8 @@ class WorkerConfig:
     nthreads: int = 1
     memory_limit: int = 0
     resources: dict[str, float] = field(default_factory=dict)
+    #: Where the worker makes its private scratch directory (spilled results,
+    #: uploaded files), removed at close; "" means $TMPDIR or /tmp.
     local_directory: str = ""
     interface: str | None = None
     #: Exit if the broker cannot be reached for this long (None: keep trying).
@@ -78,6 +86,40 @@ class _Task:
         self.has_deps = False
 
 
+class _SharedReply:
+    """A reply to a peer's GetData, waiting for its shared-memory files."""
+
+    __slots__ = (
+        "failed",
+        "files",
+        "frames",
+        "ident",
+        "lock",
+        "missing",
+        "request_id",
+        "values",
+        "writing",
+    )
+
+    def __init__(
+        self,
+        ident: Any,
+        request_id: int,
+        values: list[Any],
+        frames: P.FrameList,
+        missing: list[Any],
+    ) -> None:
+        self.ident = ident
+        self.request_id = request_id
+        self.values = values
+        self.frames = frames
+        self.missing = missing
+        self.files: list[Any] = []
+        self.failed: list[tuple[str, list[Any], Exception]] = []
+        self.writing = 0
+        self.lock = threading.Lock()
+
+
 class Worker:
     def __init__(
         self, config: WorkerConfig, ctx: zmq.Context[Any] | None = None
@@ -88,16 +130,7 @@ class Worker:
         self.nthreads = max(1, config.nthreads)
         self.resources = dict(config.resources)
         self.memory_limit = config.memory_limit
-        self.local_directory = config.local_directory or os.path.join(
-            os.environ.get("TMPDIR", "/tmp"), f"zdist-{self.name}"
-        )
-        os.makedirs(self.local_directory, exist_ok=True)
         self.broker_address = config.address
-        limit = self.memory_limit
-        target = config.memory_target_fraction
-        self.data = SpillBuffer(
-            self.local_directory, int(limit * target) if limit and target else None
-        )
         self._next_memory_check = 0.0
         self.paused = False
         self.tasks: dict[str, _Task] = {}
@@ -127,6 +160,11 @@ class Worker:
             int, tuple[str, list[str], float]
         ] = {}  # req -> peer, keys, t
         self._new_peers: list[zmq.Socket[Any]] = []
+        # Peers that shared memory failed with get the network from then on.
+        self._shm_refused: set[str] = set()
+        self._shm_pool: ThreadPoolExecutor | None = None  # writes files
+        self.shm_transfers = 0  # values received through shared memory
+        self.shm_fallbacks = 0  # ... that came over the network after all
         self._fetch_wanted: dict[str, list[str]] = {}  # dep key -> tasks waiting for it
         self._req = itertools.count(1)
         self._functions = FunctionCache()
@@ -160,6 +198,19 @@ class Worker:
         self._client: Any = None
         self._io_thread: threading.Thread | None = None
         self.exit_reason = ""
+        # Last: nothing above may fail and leave the directories behind.
+        self.local_directory = make_local_directory(config.local_directory)
+        # Same-host transfers through /dev/shm (zdist.worker.shm).
+        self.shm = SharedMemory(ttl=P.HEARTBEAT_INTERVAL * P.WORKER_LIVENESS)
+        shm_directory = self.shm.prepare()
+        self._janitor = Janitor(
+            [self.local_directory, *([shm_directory] if shm_directory else [])]
+        )
+        limit = self.memory_limit
+        target = config.memory_target_fraction
+        self.data = SpillBuffer(
+            self.local_directory, int(limit * target) if limit and target else None
+        )
 
     # ==================================================================================
     # public
@@ -201,6 +252,8 @@ class Worker:
                 self.check_memory()
                 if self._fetching:
                     self.expire_fetches()
+                if self.shm.pending:
+                    self.shm.sweep(time.monotonic())
         finally:
             self._shutdown()
 
@@ -324,6 +377,9 @@ class Worker:
             "executing": len(self._executing),
             "in_memory": len(self.data),
             "ready": self._ready.qsize(),
+            "shm_transfers": self.shm_transfers,
+            "shm_served": self.shm.written,
+            "shm_fallbacks": self.shm_fallbacks,
             "time": time.time(),
         }
 
@@ -372,6 +428,7 @@ class Worker:
         elif isinstance(msg, P.Welcome):
             self.heartbeat_interval = msg.heartbeat_interval
             self.liveness = msg.liveness
+            self.shm.ttl = self.heartbeat_interval * self.liveness
             self.status = "running"
             logger.info("worker %s registered with %s", self.name, self.broker_address)
         elif isinstance(msg, P.Error):
@@ -557,6 +614,8 @@ class Worker:
             elif kind == "run":
                 request_id, ok, frames = item
                 self._send(P.FunctionResult(request_id, ok), frames)
+            elif kind == "peer-reply":
+                self._reply_peer(item)
 
     def _task_done(self, out: Outcome) -> None:
         self._executing.discard(out.key)
@@ -604,16 +663,14 @@ class Worker:
                 msg, _ = P.decode(frames[1:])
                 if not isinstance(msg, P.GetData):
                     raise P.ProtocolError(f"{type(msg).__name__} on the data port")
-                values, payload, missing = self._pack_values(msg.keys)
-                self.data_sock.send_multipart(
-                    [
-                        ident,
-                        *P.encode(
-                            P.DataReply(msg.request_id, values, missing), payload
-                        ),
-                    ],
-                    copy=False,
-                )
+                if self.shm.accepts(msg.host):
+                    self._serve_shared(ident, msg)
+                else:
+                    values, payload, missing = self._pack_values(msg.keys)
+                    reply = P.DataReply(msg.request_id, values, missing)
+                    self.data_sock.send_multipart(
+                        [ident, *P.encode(reply, payload)], copy=False
+                    )
             except Exception as exc:
                 self.dropped += 1
                 self._log.warning(
@@ -623,7 +680,67 @@ class Worker:
                     exc,
                 )
 
-    def _fetch(self, peer: str, keys: list[str]) -> None:
+    def _serve_shared(self, ident: Any, msg: P.GetData) -> None:
+        """A peer of this host asked: large values go to shared-memory files, written
+        by a few threads in parallel and off this loop, which sends the reply when
+        the last is written (collect_done)."""
+        frames = P.FrameList()
+        values, missing, large = [], [], []
+        for key in msg.keys:
+            if isinstance(key, str) and key in self.data:
+                value = serialize.dumps(self.data[key])
+                if serialize.nbytes(value) >= MIN_SHM_BYTES:
+                    large.append((key, value))
+                else:
+                    values.append([key, frames.add(value)])
+            else:
+                missing.append(key)
+        reply = _SharedReply(ident, msg.request_id, values, frames, missing)
+        if not large:
+            self._reply_peer(reply)
+            return
+        if self._shm_pool is None:
+            self._shm_pool = ThreadPoolExecutor(
+                min(4, os.cpu_count() or 1), thread_name_prefix=f"{self.name}-shm"
+            )
+        reply.writing = len(large)
+        for key, value in large:
+            self._shm_pool.submit(self._write_shared, reply, key, value)
+
+    def _write_shared(self, reply: _SharedReply, key: str, value: list[Any]) -> None:
+        """In a pool thread: one value to a file, or kept for the socket on failure."""
+        try:
+            path, layout = self.shm.write(value)
+        except Exception as exc:  # e.g. /dev/shm full: the network it is
+            reply.failed.append((key, value, exc))
+        else:
+            reply.files.append([key, path, layout])
+        with reply.lock:
+            reply.writing -= 1
+            last = not reply.writing
+        if last:
+            self._done.append(("peer-reply", reply))
+            self._wake()
+
+    def _reply_peer(self, reply: _SharedReply) -> None:
+        for key, value, exc in reply.failed:
+            self._log.warning(
+                "shm-write",
+                "worker %s cannot write %s to shared memory (%s); sending it over "
+                "the network",
+                self.name,
+                key,
+                exc,
+            )
+            reply.values.append([key, reply.frames.add(value)])
+        msg = P.DataReply(
+            reply.request_id, reply.values, reply.missing, reply.files or None
+        )
+        self.data_sock.send_multipart(
+            [reply.ident, *P.encode(msg, reply.frames.frames)], copy=False
+        )
+
+    def _fetch(self, peer: str, keys: list[str], shm: bool = True) -> None:
         sock = self._peers.get(peer)
         if sock is None:
             sock = self.ctx.socket(zmq.DEALER)
@@ -645,7 +762,8 @@ class Worker:
             self._new_peers.append(sock)
         req = next(self._req)
         self._fetching[req] = (peer, keys, time.monotonic())
-        sock.send_multipart(P.encode(P.GetData(req, keys)), copy=False)
+        host = self.shm.token if shm and peer not in self._shm_refused else ""
+        sock.send_multipart(P.encode(P.GetData(req, keys, host)), copy=False)
 
     def receive_from_peer(self, sock: zmq.Socket[Any]) -> None:
         while True:
@@ -668,27 +786,46 @@ class Worker:
                 )
 
     def _on_fetched(self, msg: P.DataReply, payload: list[Any]) -> None:
+        files = msg.shm or []
+        for entry in files:
+            if type(entry) is not list or len(entry) != 3 or type(entry[0]) is not str:
+                raise P.ProtocolError(f"bad shared-memory entry {entry!r}")
         peer, _, _ = self._fetching.pop(msg.request_id, ("", [], 0.0))
-        replicas = []
+        replicas: list[Any] = []
         for key, ref in msg.values:
-            frames = P.ref_frames(payload, ref)
-            value = serialize.loads(frames)
-            self.data.put(key, value, serialize.nbytes(frames))
-            replicas.append(
-                [
-                    key,
-                    "memory",
-                    serialize.nbytes(frames),
-                    type(value).__name__,
-                    None,
-                    "",
-                    -1.0,
-                ]
-            )
-            self._dep_arrived(key)
+            self._fetched(key, P.ref_frames(payload, ref), replicas)
+        refetch = []
+        for key, path, layout in files:
+            try:
+                frames = self.shm.read(path, layout)
+            except ShmError as exc:
+                self.shm_fallbacks += 1
+                if peer not in self._shm_refused:
+                    self._shm_refused.add(peer)
+                    logger.warning(
+                        "worker %s: no shared memory with %s (%s); fetching over "
+                        "the network from it",
+                        self.name,
+                        peer or "a peer",
+                        exc,
+                    )
+                refetch.append(key)
+                continue
+            self.shm_transfers += 1
+            self._fetched(key, frames, replicas)
+            del frames
         if replicas:
             self._results.extend(replicas)
         self._fetch_failed(peer, msg.missing)
+        if refetch and peer:
+            self._fetch(peer, refetch, shm=False)
+
+    def _fetched(self, key: str, frames: list[Any], replicas: list[Any]) -> None:
+        value = serialize.loads(frames)
+        size = serialize.nbytes(frames)
+        self.data.put(key, value, size)
+        replicas.append([key, "memory", size, type(value).__name__, None, "", -1.0])
+        self._dep_arrived(key)
 
     def _fetch_failed(self, peer: str, keys: list[Any]) -> None:
         """Tell the broker these tasks lack an input the peer could not give."""
@@ -823,6 +960,10 @@ class Worker:
         if self._own_ctx:
             self.ctx.term()
         self.data.close()
+        if self._shm_pool is not None:
+            self._shm_pool.shutdown(wait=True, cancel_futures=True)
+        self.shm.close()
+        self._janitor.close()  # removes the local directory
         os.close(self._wake_r)
         os.close(self._wake_w)
 
