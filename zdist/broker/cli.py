@@ -14,7 +14,7 @@ import zmq
 
 from zdist import protocol as P
 from zdist._gc import tune_for_service
-from zdist._lifeline import watch_stdin
+from zdist._lifeline import exit_now, watch_stdin
 from zdist._version import __version__
 from zdist.broker.server import BrokerServer, ServerConfig
 from zdist.errors import ZdistError
@@ -217,8 +217,9 @@ def main(
     sys.stdout.flush()
     logger.info("broker at %s (pid %d)", server.address, os.getpid())
     tune_for_service()
-    server.serve_forever()
+    server.serve_forever()  # closes the sockets on the way out
     logger.info("broker stopped")
+    exit_now(0)
 
 
 def _parse_size(text: str) -> int:

@@ -5,6 +5,10 @@ worker a child ``zworker`` (the same code the command runs). Keys reach them on 
 never argv; stdin stays open as a lifeline, so every child exits when this process dies,
 even by SIGKILL, and no orphan survives a killed notebook. ``processes=False`` runs the
 broker and workers as threads of this process.
+
+Broker and workers start together: each ``zworker`` gets ADDRESS ``-`` and reads the
+broker's address on stdin once the broker reports it, so the interpreter starts and
+imports (most of a cluster's start-up time) overlap.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -41,8 +46,12 @@ class BrokerProcess:
         log_level: str = "warning",
         timeout: float = 30,
         dashboard_address: str | None = None,
+        wait: bool = True,
     ) -> None:
+        """Start ``zbroker``; with ``wait=False`` return at once and let the caller
+        call :meth:`wait_ready` (meanwhile ``address`` is empty)."""
         self.dashboard_link: str | None = None
+        self.address = ""
         args = [
             sys.executable,
             "-m",
@@ -70,8 +79,15 @@ class BrokerProcess:
         if security:
             self.proc.stdin.write(json.dumps(security.to_dict()).encode() + b"\n")
             self.proc.stdin.flush()
-        self.address = self._read_address(timeout)
         self.pid = self.proc.pid
+        if wait:
+            self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 30) -> str:
+        """The broker's address, once it listens; ZdistError if it does not start."""
+        if not self.address:
+            self.address = self._read_address(timeout)
+        return self.address
 
     def _read_address(self, timeout: float) -> str:
         assert self.proc.stdout is not None
@@ -120,11 +136,14 @@ class BrokerProcess:
 
 
 class WorkerProcess:
-    """A ``zworker`` child (a supervisor with one worker process under it)."""
+    """A ``zworker`` child (a supervisor with one worker process under it).
+
+    ``address=None`` starts it before the broker has one: it imports and waits, and
+    :meth:`connect` hands it the address."""
 
     def __init__(
         self,
-        address: str,
+        address: str | None,
         security: Security | None,
         name: str,
         nthreads: int,
@@ -138,7 +157,7 @@ class WorkerProcess:
             sys.executable,
             "-m",
             "zdist.worker",
-            address,
+            address or "-",
             "--name",
             name,
             "--nthreads",
@@ -163,6 +182,15 @@ class WorkerProcess:
         if security:
             self.proc.stdin.write(json.dumps(security.to_dict()).encode() + b"\n")
             self.proc.stdin.flush()
+
+    def connect(self, address: str) -> None:
+        """Tell a worker started with ``address=None`` where the broker is."""
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.write(address.encode() + b"\n")
+                self.proc.stdin.flush()
+            except OSError:  # it died; the wait for workers reports that
+                pass
 
     def terminate(self) -> None:
         """Graceful: the worker hands queued work back and finishes running tasks."""
@@ -308,6 +336,7 @@ class LocalCluster:
         self._closed = False
         self._client: Any = None
         self.dashboard_link: str | None = None
+        self.scheduler_address = ""
         if processes:
             self._broker_proc = BrokerProcess(
                 self.security,
@@ -315,9 +344,8 @@ class LocalCluster:
                 scheduler_port,
                 log_level=self._log_level,
                 dashboard_address=dashboard_address,
+                wait=False,
             )
-            self.dashboard_link = self._broker_proc.dashboard_link
-            self.scheduler_address = self._broker_proc.address
             self.broker_pid = self._broker_proc.pid
         else:
             from zdist.broker.server import BrokerServer, ServerConfig
@@ -346,7 +374,14 @@ class LocalCluster:
             self._broker_thread and self._server,
         )
         try:
+            # Workers first: they start with no address and wait for it on stdin, so
+            # their start overlaps the broker's.
             self.scale(n_workers)
+            if self._broker_proc is not None:
+                self.scheduler_address = self._broker_proc.wait_ready(timeout)
+                self.dashboard_link = self._broker_proc.dashboard_link
+                for w in self.workers.values():
+                    w.connect(self.scheduler_address)
             self._wait_for_workers(n_workers, timeout)
         except BaseException:
             self.close()
@@ -367,15 +402,24 @@ class LocalCluster:
         return self._client
 
     def _wait_for_workers(self, n: int, timeout: float) -> None:
-        if n:
-            self._control().wait_for_workers(n, timeout)
+        if not n:
+            return
+        client = self._control()
+        deadline = time.monotonic() + timeout
+        # A short fixed interval: workers register within milliseconds of the broker's
+        # start, and Client.wait_for_workers' backoff (up to 0.2 s between looks) would
+        # add up to that much to every cluster start. A look is one small round trip.
+        while len(client.scheduler_info()["workers"]) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {n} workers after {timeout} s")
+            time.sleep(0.005)
 
     def _start_worker(self) -> None:
         name = f"{self._counter}"
         self._counter += 1
         if self.processes:
             self.workers[name] = WorkerProcess(
-                self.scheduler_address,
+                self.scheduler_address or None,
                 self.security,
                 name,
                 self.threads_per_worker or 1,

@@ -13,7 +13,8 @@ from typing import Any
 
 import click
 
-from zdist._lifeline import watch_stdin
+from zdist._gc import tune_for_service
+from zdist._lifeline import exit_now, watch_stdin
 from zdist._version import __version__
 from zdist.errors import SecurityError, ZdistError
 from zdist.net import interface_ip, split_address
@@ -119,6 +120,19 @@ def parse_seconds(text: str | None) -> float | None:
     return float(m.group(1)) * scale
 
 
+class ParentGone(ZdistError):
+    """Stdin closed before the broker's address came: the parent that started us is
+    gone (or its broker never started)."""
+
+
+def read_address_stream() -> str:
+    """The broker's address: one line on stdin (after the keys line, if any)."""
+    line = sys.stdin.buffer.readline()
+    if not line:
+        raise ParentGone("stdin closed before the broker's address came")
+    return line.decode().strip()
+
+
 def resolve_connection(
     address: str | None,
     scheduler_file: str | None,
@@ -126,8 +140,19 @@ def resolve_connection(
     no_security: bool,
     death_timeout: float | None = None,
 ) -> tuple[str, Security | None]:
-    """The broker address and keys from the command line, a scheduler file or stdin."""
+    """The broker address and keys from the command line, a scheduler file or stdin.
+
+    ADDRESS ``-`` reads it from stdin, after the keys line if those come on stdin too:
+    LocalCluster starts its workers before its broker has an address, so their
+    interpreter start and imports overlap the broker's.
+    """
     info: dict = {}
+    keys_read = False
+    stdin_keys: Security | None = None
+    if address == "-":
+        if security_file == "-" and not no_security:
+            stdin_keys, keys_read = read_security_stream(), True
+        address = read_address_stream()
     if scheduler_file:
         info = wait_for_scheduler_file(scheduler_file, death_timeout)
         address = address or info.get("address")
@@ -136,7 +161,9 @@ def resolve_connection(
     split_address(address)
     if no_security:
         return address, None
-    if security_file == "-":
+    if keys_read:
+        sec: Security | None = stdin_keys
+    elif security_file == "-":
         sec = read_security_stream()
     elif security_file:
         sec = Security.from_file(security_file)
@@ -276,7 +303,10 @@ def main(
     log_level: str,
     lifeline: bool,
 ) -> None:
-    """Start zdist workers that take tasks from the broker at ADDRESS."""
+    """Start zdist workers that take tasks from the broker at ADDRESS.
+
+    ADDRESS "-" reads it as a line on stdin (after the keys, with --security-file -).
+    """
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -284,12 +314,19 @@ def main(
     if nworkers < 1:
         raise click.BadParameter("must be at least 1", param_hint="--nworkers")
     death = parse_seconds(death_timeout)
+    # Now, while we may wait for the broker's address: forked workers inherit it.
+    tune_for_service()
     try:
         addr, security = resolve_connection(
             address, scheduler_file, security_file, no_security, death
         )
         if interface:
             interface_ip(interface)
+    except ParentGone as exc:
+        if lifeline:  # the parent went away first: nothing to report to anyone
+            logger.info("%s; exiting", exc)
+            sys.exit(0)
+        raise click.ClickException(str(exc)) from None
     except ZdistError as exc:
         raise click.ClickException(str(exc)) from None
     resource_map = parse_resources(resources)
@@ -345,8 +382,8 @@ def main(
         signal.signal(signal.SIGINT, lambda *_: worker.close_gracefully("SIGINT"))
         if lifeline:
             watch_stdin(worker.stop)
-        worker.run()
-        return
+        worker.run()  # closes its sockets on the way out
+        exit_now(0)
     sup = Nanny(configs, log_level)
 
     def stop(*_: object) -> None:
@@ -361,7 +398,7 @@ def main(
             sup.stop(graceful=False)
 
         watch_stdin(orphaned)
-    sys.exit(sup.run())
+    exit_now(sup.run())
 
 
 if __name__ == "__main__":
