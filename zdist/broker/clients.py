@@ -533,6 +533,9 @@ class ClientSide(_Base):
                 "status": w.status,
                 "processing": len(w.processing),
                 "in_memory": len(w.data),
+                # seconds per task lately, and tasks the broker keeps queued there
+                "avg_task_duration": w.avg_duration,
+                "capacity": w.capacity(),
                 "last_seen": w.last_seen,
                 "metrics": w.metrics,
                 "versions": w.versions,

@@ -935,12 +935,18 @@ class Worker:
             pass
 
     def _drain_wake(self) -> None:
-        self._wake_pending = False
+        # Read first, then clear: cleared first, a task thread finishing in between
+        # would set the flag and write a byte that this read swallows, leaving the
+        # flag set with the pipe empty, and every later wake skipped (the loop then
+        # ran only on its 250 ms poll timeout: W7 fell from ~20,000 to ~4,000
+        # tasks/s after a few hundred thousand tasks). Whatever is appended before
+        # the flag clears is collected by the collect_done() that follows.
         try:
             while os.read(self._wake_r, 4096):
                 pass
         except BlockingIOError:
             pass
+        self._wake_pending = False
 
     def _shutdown(self) -> None:
         for _ in self._threads:
