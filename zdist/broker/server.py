@@ -24,6 +24,7 @@ from zdist.broker.state import BrokerConfig, BrokerState
 from zdist.logs import RateLimitedLog, log_buffer
 from zdist.net import interface_ip
 from zdist.security import Security
+from zdist.wire import NOBLOCK, recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class BrokerServer:
         state.wall = time.time()
         for _ in range(BURST):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
                 return
             counters["messages_in"] += 1
@@ -195,7 +196,22 @@ class BrokerServer:
             for f in payload:
                 forwarded += len(f)
             try:
-                sock.send_multipart([ident, *P.encode(msg, payload)], copy=False)
+                frames = P.encode(msg, payload)
+            except (OverflowError, TypeError, ValueError) as exc:
+                # A value a peer sent that the broker cannot send on (an integer
+                # beyond 64 bits after arithmetic, say): never a reason to die.
+                self.counters["dropped"] += 1
+                self._log.warning(
+                    "unencodable",
+                    "could not encode a %s for %s: %s: %s",
+                    type(msg).__name__,
+                    ident.hex(),
+                    type(exc).__name__,
+                    exc,
+                )
+                continue
+            try:
+                send_frames(sock, [ident, *frames])
             except zmq.ZMQError as exc:  # peer gone; heartbeats will notice
                 logger.debug("send to %s failed: %s", ident.hex(), exc)
         self.counters["payload_bytes_forwarded"] += forwarded

@@ -34,6 +34,7 @@ from zdist.keys import key_group
 from zdist.logs import RateLimitedLog, log_buffer
 from zdist.net import interface_ip, local_ip_towards, split_address
 from zdist.security import Security
+from zdist.wire import NOBLOCK, recv_frames, send_frames
 from zdist.worker import context
 from zdist.worker.execute import FunctionCache, Outcome, run_task
 from zdist.worker.memory import SpillBuffer, process_memory
@@ -385,7 +386,7 @@ class Worker:
 
     def _send(self, msg: P.Message, payload: list[Any] | tuple[Any, ...] = ()) -> None:
         assert self.broker is not None
-        self.broker.send_multipart(P.encode(msg, payload), copy=False)
+        send_frames(self.broker, P.encode(msg, payload))
         self._last_sent = time.monotonic()
 
     def receive_from_broker(self) -> None:
@@ -393,7 +394,7 @@ class Worker:
         assert sock is not None
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
                 return
             self._last_heard = time.monotonic()
@@ -655,7 +656,7 @@ class Worker:
     def serve_peers(self) -> None:
         while True:
             try:
-                frames = self.data_sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self.data_sock, NOBLOCK)
             except zmq.Again:
                 return
             ident = frames[0]
@@ -668,9 +669,7 @@ class Worker:
                 else:
                     values, payload, missing = self._pack_values(msg.keys)
                     reply = P.DataReply(msg.request_id, values, missing)
-                    self.data_sock.send_multipart(
-                        [ident, *P.encode(reply, payload)], copy=False
-                    )
+                    send_frames(self.data_sock, [ident, *P.encode(reply, payload)])
             except Exception as exc:
                 self.dropped += 1
                 self._log.warning(
@@ -736,9 +735,7 @@ class Worker:
         msg = P.DataReply(
             reply.request_id, reply.values, reply.missing, reply.files or None
         )
-        self.data_sock.send_multipart(
-            [reply.ident, *P.encode(msg, reply.frames.frames)], copy=False
-        )
+        send_frames(self.data_sock, [reply.ident, *P.encode(msg, reply.frames.frames)])
 
     def _fetch(self, peer: str, keys: list[str], shm: bool = True) -> None:
         sock = self._peers.get(peer)
@@ -763,12 +760,12 @@ class Worker:
         req = next(self._req)
         self._fetching[req] = (peer, keys, time.monotonic())
         host = self.shm.token if shm and peer not in self._shm_refused else ""
-        sock.send_multipart(P.encode(P.GetData(req, keys, host)), copy=False)
+        send_frames(sock, P.encode(P.GetData(req, keys, host)))
 
     def receive_from_peer(self, sock: zmq.Socket[Any]) -> None:
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
                 return
             try:
