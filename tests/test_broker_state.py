@@ -1499,6 +1499,17 @@ def test_worker_with_malformed_resources_is_not_registered(resources: Any) -> No
     assert s.flush() == []
 
 
+@pytest.mark.parametrize("nthreads", [0, -1, 2**63 - 1])
+def test_worker_with_absurd_thread_count_is_not_registered(nthreads: int) -> None:
+    # 2**63 - 1 threads decode fine, but info() and dispatch multiply them: the
+    # broker once failed to encode its answers (found by tests/test_fuzz.py).
+    s = Sim()
+    with pytest.raises(P.ProtocolError, match="threads"):
+        s.worker(W1, nthreads=nthreads)
+    assert s.st.workers == {}
+    assert s.flush() == []
+
+
 # --------------------------------------------------------------------------------------
 # info, transitions, story
 
@@ -1535,6 +1546,8 @@ def test_info_describes_workers_tasks_and_clients() -> None:
             "status": "running",
             "processing": 1,
             "in_memory": 1,
+            "avg_task_duration": 0.0,  # no duration reported yet
+            "capacity": 2 * (1 + 2),  # 2 threads, and 2 queued behind each meanwhile
             "last_seen": 0.0,
             "metrics": {"memory": 123},
             "versions": {"python": "3.11"},

@@ -483,7 +483,11 @@ def fuzz_broker(client: Client, address: str, security: Security | None) -> None
             what="the broker to read every message",
         )
         # The fake worker leaves (a planned exit); its tasks go back to real workers.
-        fake_worker.send(P.encode(P.WorkerStatus("closed", [])))
+        # The garbage may also have registered the other peers as workers (an
+        # authenticated peer may be both client and worker): they leave too, or they
+        # would linger until their heartbeats expire.
+        for peer in (fake_worker, fake_client, anon):
+            peer.send(P.encode(P.WorkerStatus("closed", [])))
         wait_for(
             lambda: len(client.scheduler_info()["workers"]) == n_workers,
             timeout=30,

@@ -77,6 +77,11 @@ __all__ = [
 ]
 
 
+#: More threads than any machine has: a registration claiming more is malformed (and
+#: would overflow the 64-bit integers of messages built from it).
+MAX_THREADS_PER_WORKER = 1 << 20
+
+
 class BrokerState(ClientSide):
     """Scheduling state: tasks, workers, clients; see the module docstring."""
 
@@ -243,6 +248,10 @@ class BrokerState(ClientSide):
         self, ident: bytes, msg: P.RegisterWorker, payload: list[Any]
     ) -> None:
         _check_resources(msg.resources)
+        if not 1 <= msg.nthreads <= MAX_THREADS_PER_WORKER:
+            raise P.ProtocolError(f"a worker with {msg.nthreads} threads")
+        if not 0 <= msg.memory_limit < 2**62:
+            raise P.ProtocolError(f"a worker with memory limit {msg.memory_limit}")
         for entry in self.unrunnable.values():  # perhaps this worker can run them
             heapq.heappush(self.ready, entry)
         self.unrunnable.clear()
