@@ -283,6 +283,25 @@ def test_release_on_del_frees_worker_memory(client: Client) -> None:
     wait_for(lambda: not holders(), what="worker to free the released key")
 
 
+def test_release_of_an_idle_client_leaves_on_its_own(
+    client: Client, cluster: LocalCluster
+) -> None:
+    # A dropped future's release goes first with the client's next message, or on
+    # its I/O thread's next turn when the client sends nothing more (here: a second
+    # client watches, the first stays silent).
+    with Client(cluster, set_as_default=False) as watcher:
+
+        def held(key: str) -> bool:
+            return any(key in keys for keys in watcher.run(_data_keys).values())
+
+        f = client.submit(tasks.make_bytes, 1000, pure=False)
+        key = f.key
+        f.result()
+        assert held(key)
+        del f
+        wait_for(lambda: not held(key), what="the idle client's release")
+
+
 def _data_keys() -> list:
     from zdist import get_worker
 

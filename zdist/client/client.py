@@ -31,6 +31,8 @@ _FUNCTION_CACHE_SIZE = 256
 #: Tasks per Submit message of a large map or graph: the broker and workers start on
 #: the first chunk while the client pickles the rest.
 SUBMIT_CHUNK = 1000
+#: Pending releases that wake the I/O thread at once instead of waiting for its turn.
+RELEASE_BATCH = 10_000
 
 
 def default_client() -> Client | None:
@@ -167,11 +169,12 @@ class Client:
                 return
             self._refcount.pop(key, None)
             self._futures.pop(key, None)
-            first = not self._releases
             self._releases[key] = None
-        # Releases leave in one message per I/O loop turn: dropping the 20,000
-        # futures of a map is one message, not 20,000.
-        if first and self.status == "running":
+            many = len(self._releases) == RELEASE_BATCH
+        # Releases leave with the next message this client sends, or on the I/O
+        # thread's next turn (at most 250 ms away): dropping the 20,000 futures of a
+        # map is one message, not 20,000, and dropping one wakes no thread.
+        if many and self.status == "running":
             self._conn.wake()
 
     def _take_releases(self) -> list[str]:

@@ -27,6 +27,7 @@ import zmq
 from zdist import protocol as P
 from zdist.errors import CommClosedError, ZdistError
 from zdist.security import Security
+from zdist.wire import NOBLOCK, recv_frames, send_frames
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +111,20 @@ class Connection:
         return self.welcome
 
     def send(self, msg: P.Message, payload: Any = ()) -> None:
+        """Send ``msg`` from the calling thread; keys released since the last message
+        go first, in the same burst (the I/O thread sends them when nothing else
+        goes: a sequence of submit(...).result() calls then wakes no other thread
+        to release each previous result)."""
         if self.closed:
             raise CommClosedError("this client is closed")
         frames = P.encode(msg, payload)
+        released = [] if isinstance(msg, P.ReleaseKeys) else self._take_releases()
         with self._send_lock:
             if self.out.closed:
                 raise CommClosedError("this client is closed")
-            self.out.send_multipart(frames, copy=False)
+            if released:
+                send_frames(self.out, P.encode(P.ReleaseKeys(released)))
+            send_frames(self.out, frames)
             self._last_sent = time.monotonic()
 
     def wake(self) -> None:
@@ -178,7 +186,7 @@ class Connection:
         self._last_sent = time.monotonic()
         try:
             if self._register is not None:
-                self.sock.send_multipart(P.encode(self._register), copy=False)
+                send_frames(self.sock, P.encode(self._register))
             while True:
                 events = dict(poller.poll(250))
                 if self._wake_r in events:
@@ -223,7 +231,7 @@ class Connection:
     def _receive(self) -> None:
         while True:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self.sock, NOBLOCK)
             except zmq.Again:
                 return
             self._last_heard = time.monotonic()
