@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import tasks
-from utils import wait_for, zproc
+from utils import descendants, wait_for, zproc
 
 from zdist import Client
 
@@ -292,7 +292,7 @@ def test_broker_killed_worker_processes_follow_lifeline(tmp_path) -> None:
     )
     parent = subprocess.Popen([PY, "-c", script], stdout=subprocess.PIPE, text=True)
     broker_pid = int(parent.stdout.readline())  # type: ignore[union-attr]
-    children = _descendants(parent.pid)
+    children = descendants(parent.pid)
     assert (
         broker_pid in children and len(children) >= 5
     )  # broker + 2 x (nanny + worker)
@@ -304,23 +304,6 @@ def test_broker_killed_worker_processes_follow_lifeline(tmp_path) -> None:
         timeout=20,
         what="every child process to exit",
     )
-
-
-def _descendants(pid: int) -> list[int]:
-    out = subprocess.run(
-        ["ps", "-eo", "pid=,ppid="], capture_output=True, text=True
-    ).stdout
-    kids: dict[int, list[int]] = {}
-    for line in out.split("\n"):
-        if line.strip():
-            p, pp = map(int, line.split())
-            kids.setdefault(pp, []).append(p)
-    found, stack = [], [pid]
-    while stack:
-        for k in kids.get(stack.pop(), []):
-            found.append(k)
-            stack.append(k)
-    return found
 
 
 def _alive(pid: int) -> bool:

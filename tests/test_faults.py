@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 import tasks
-from utils import wait_for
+from utils import descendants, wait_for
 
 from zdist import Client, KilledWorker, fire_and_forget, get_worker, wait
 from zdist.errors import CommClosedError, FutureLostError
@@ -220,25 +220,6 @@ def read_address(proc: subprocess.Popen[Any], timeout: float = 60) -> str:
     line = proc.stdout.readline().decode() if ready else ""
     assert "listening at tcp://" in line, f"broker did not start: {line!r}"
     return line.split("listening at ", 1)[1].strip()
-
-
-def descendants(pid: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        kids.setdefault(ppid, []).append(int(entry))
-    found, stack = [], [pid]
-    while stack:
-        for k in kids.get(stack.pop(), []):
-            found.append(k)
-            stack.append(k)
-    return found
 
 
 def workers_by_name(c: Client) -> dict[str, dict[str, Any]]:

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import tasks
 import zmq
-from utils import wait_for
+from utils import descendants, wait_for
 
 from zdist import Client, LocalCluster, serialize
 from zdist import protocol as P
@@ -611,24 +611,6 @@ def test_scheduler_file_of_another_user_is_refused(tmp_path: Path) -> None:
 # 4. secrets stay out of ps, logs and reprs
 
 
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -638,7 +620,7 @@ def _cmdline(pid: int) -> str:
 
 
 def test_no_secret_in_ps_output(cluster: LocalCluster) -> None:
-    mine = [p for p in _descendants(os.getpid()) if "zdist" in _cmdline(p)]
+    mine = [p for p in descendants(os.getpid()) if "zdist" in _cmdline(p)]
     # The broker, and per worker its supervisor and the worker process.
     assert cluster.broker_pid in mine
     assert len(mine) >= 1 + 2 * len(cluster.workers), [_cmdline(p) for p in mine]

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import tasks
-from utils import wait_for, zproc
+from utils import descendants, parent_of, wait_for, zproc
 
 from zdist import Client, LocalCluster, Security, ZdistError
 from zdist.client.local import BrokerProcess
@@ -28,27 +28,6 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                children.setdefault(_parent(int(entry)), []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def _read(path: str) -> bytes:
@@ -148,7 +127,7 @@ def test_local_cluster_children_carry_no_key_material() -> None:
         secrets = [getattr(lc.security, f).encode() for f in KEY_FIELDS]
         with Client(lc, set_as_default=False) as c:
             worker_pids = {w["pid"] for w in c.scheduler_info()["workers"].values()}
-        children = _descendants(os.getpid())
+        children = descendants(os.getpid())
         # broker + per worker its supervisor and the worker (forked or spawned)
         assert lc.broker_pid in children and worker_pids <= set(children)
         assert len(children) >= 5, children
@@ -179,7 +158,7 @@ def test_local_cluster_restarts_a_killed_worker() -> None:
             return None
 
         address, pid = wait_for(restarted, timeout=60, what="worker 0 to come back")
-        assert pid in _descendants(lc.workers["0"].proc.pid)
+        assert pid in descendants(lc.workers["0"].proc.pid)
         # Straight to the new worker: the broker may not yet have noticed the old
         # one (also named "0") is dead.
         assert c.run(tasks.pid, workers=[address]) == {address: pid}
@@ -206,7 +185,7 @@ def test_forked_workers_exit_with_their_supervisor(keys: Security) -> None:
         with Client(broker.address, security=keys, set_as_default=False) as c:
             c.wait_for_workers(2, timeout=60)
             pids = [w["pid"] for w in c.scheduler_info()["workers"].values()]
-        assert all(_parent(p) == nanny.pid for p in pids)
+        assert all(parent_of(p) == nanny.pid for p in pids)  # forked by it
         # Each worker's stdin is its own pipe from the supervisor, and no other worker
         # holds that pipe (or it would keep the lifeline open).
         stdins = {p: os.readlink(f"/proc/{p}/fd/0") for p in pids}
@@ -239,7 +218,7 @@ def test_local_cluster_whose_broker_fails_raises_and_leaves_no_process() -> None
             LocalCluster(n_workers=2, scheduler_port=port, dashboard_address=None)
     # The workers started before the broker failed; they exit with it.
     wait_for(
-        lambda: not [p for p in _descendants(os.getpid()) if b"zdist" in _cmdline(p)],
+        lambda: not [p for p in descendants(os.getpid()) if b"zdist" in _cmdline(p)],
         timeout=30,
         what="the early-started workers to exit",
     )

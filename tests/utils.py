@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,3 +36,28 @@ def zproc(argv: list[str], **kwargs: Any) -> Any:
         stdin=subprocess.PIPE,
         **kwargs,
     )
+
+
+def parent_of(pid: int) -> int:
+    """The parent process id of ``pid``, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of process ``pid`` (children, theirs, ...), from /proc."""
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = parent_of(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        kids.setdefault(ppid, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for k in kids.get(stack.pop(), []):
+            found.append(k)
+            stack.append(k)
+    return found
