@@ -152,7 +152,7 @@ def test_map_spanning_many_chunks_returns_every_result_in_order(
 
 
 def test_plain_graphs_go_depth_first_with_each_subtree_whole() -> None:
-    from zdist.client.client import _toposort
+    from zdist.graphspec import toposort
 
     deps = {
         "a": set(),
@@ -163,19 +163,19 @@ def test_plain_graphs_go_depth_first_with_each_subtree_whole() -> None:
         "cd": {"c", "d"},
         "all": {"ab", "cd"},
     }
-    assert _toposort(deps) == ["a", "b", "ab", "c", "d", "cd", "all"]
+    assert toposort(deps) == ["a", "b", "ab", "c", "d", "cd", "all"]
     # a chain far deeper than the recursion limit, and unrelated outputs in key order
     chain = {f"k{i}": {f"k{i - 1}"} if i else set() for i in range(50_000)}
     chain["other"] = set()
-    order = _toposort(chain)
+    order = toposort(chain)
     assert order == [f"k{i}" for i in range(50_000)] + ["other"]
 
 
 def test_a_cycle_is_reported_even_with_no_output_to_start_from() -> None:
-    from zdist.client.client import _toposort
     from zdist.errors import GraphError
+    from zdist.graphspec import toposort
 
     with pytest.raises(GraphError, match="cycle"):
-        _toposort({"a": {"b"}, "b": {"a"}})
+        toposort({"a": {"b"}, "b": {"a"}})
     with pytest.raises(GraphError, match="cycle"):
-        _toposort({"x": set(), "a": {"c", "x"}, "b": {"a"}, "c": {"b"}, "out": {"x"}})
+        toposort({"x": set(), "a": {"c", "x"}, "b": {"a"}, "c": {"b"}, "out": {"x"}})

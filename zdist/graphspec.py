@@ -18,9 +18,10 @@ Either way one graph key is one zdist task, named by :func:`stringify`.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
+from zdist.errors import GraphError
 from zdist.serialize import KeyRef
 
 
@@ -189,3 +190,46 @@ def pack_results(keys: Any, values: Mapping[Any, Any]) -> Any:
     if isinstance(keys, list):
         return [pack_results(k, values) for k in keys]
     return values[keys]
+
+
+def toposort(deps_of: dict[Hashable, set[Hashable]]) -> list[Hashable]:
+    """Dependencies first, depth first from the graph's outputs (each subtree whole,
+    as dask.order keeps it): the broker runs ready tasks in this order, so a
+    reduction runs as soon as its inputs exist and their results can be freed, and a
+    chunked submission rarely leaves a task's dependent for a later chunk. Children
+    are visited in the graph's own key order; raises GraphError on a cycle."""
+    index = {k: i for i, k in enumerate(deps_of)}
+
+    def children(k: Hashable) -> Iterator[Hashable]:
+        return iter(
+            sorted((d for d in deps_of[k] if d in index), key=index.__getitem__)
+        )
+
+    has_dependent = {d for deps in deps_of.values() for d in deps}
+    roots = [k for k in deps_of if k not in has_dependent]
+    order: list[Hashable] = []
+    on_path: set[Hashable] = set()
+    done: set[Hashable] = set()
+    for root in [*roots, *deps_of]:  # the rest only matters for a cycle
+        if root in done:
+            continue
+        stack = [(root, children(root))]
+        on_path.add(root)
+        while stack:
+            k, todo = stack[-1]
+            for d in todo:
+                if d in done:
+                    continue
+                if d in on_path:
+                    cycle = [x for x, _ in stack]
+                    cycle = cycle[cycle.index(d) :]
+                    raise GraphError(f"the graph has a cycle among {cycle[:5]!r}")
+                on_path.add(d)
+                stack.append((d, children(d)))
+                break
+            else:
+                stack.pop()
+                on_path.discard(k)
+                done.add(k)
+                order.append(k)
+    return order

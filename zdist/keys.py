@@ -19,16 +19,16 @@ _BY_HEAD_SIZE = 4096
 
 def key_group(key: str) -> str:
     """:func:`split_key`, remembered for keys that end in a digit or hex token."""
-    head, dash, tail = key.rpartition("-")
-    if not dash or not head or key[0] == "(":
+    head, _, tail = key.rpartition("-")
+    if not head or key[0] == "(" or not (tail.isdigit() or _HEX.match(tail)):
         return split_key(key)
-    got = _BY_HEAD.get(head)
-    if got is not None and (tail.isdigit() or _HEX.match(tail)):
-        return got
-    group = split_key(key)
-    if group != key and (tail.isdigit() or _HEX.match(tail)):
-        # The token is dropped and some word of the head is kept, so every
-        # "<head>-<token>" key has this group.
+    group = _BY_HEAD.get(head)
+    if group is None:
+        group = split_key(key)
+        if group == key:
+            return group  # no word of the head kept: the group is the key itself
+        # The token is dropped and a word of the head kept: every "<head>-<token>"
+        # key has this group.
         if len(_BY_HEAD) >= _BY_HEAD_SIZE:
             _BY_HEAD.clear()
         _BY_HEAD[head] = group

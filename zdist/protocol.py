@@ -321,6 +321,31 @@ class Submit(Message):
     wants: list
 
 
+def submit_entry(
+    key: str,
+    fn_ref: Any,
+    args_ref: Any,
+    deps: list[str],
+    priority: float = 0,
+    retries: int = 0,
+    resources: dict[str, float] | None = None,
+    workers: list[str] | None = None,
+    allow_other_workers: bool = False,
+) -> list[Any]:
+    """One task of :attr:`Submit.tasks`, in the order its docstring gives."""
+    return [
+        key,
+        fn_ref,
+        args_ref,
+        deps,
+        priority,
+        retries,
+        resources,
+        workers,
+        allow_other_workers,
+    ]
+
+
 @message(Op.TASK_UPDATES)
 class TaskUpdates(Message):
     """Broker -> client, a batch. ``updates``: ``[key, status, ref, text]``; status is

@@ -273,7 +273,7 @@ class Client:
                 return Future(key, self, existing)
             future = Future(key, self)
         fl = P.FrameList()
-        entry = [
+        entry = P.submit_entry(
             key,
             fl.add([fn], inline=False),
             fl.add(frames),
@@ -283,7 +283,7 @@ class Client:
             resources,
             _worker_list(workers),
             allow_other_workers,
-        ]
+        )
         self._conn.send(P.Submit([entry], [key]), fl.frames)
         return future
 
@@ -342,7 +342,7 @@ class Client:
                 futures.append(Future(k, self, existing))
                 if existing is None:
                     entries.append(
-                        [
+                        P.submit_entry(
                             k,
                             fn_ref,
                             fl.add(frames),
@@ -352,7 +352,7 @@ class Client:
                             resources,
                             wl,
                             allow_other_workers,
-                        ]
+                        )
                     )
                     wants.append(k)
         if entries:
@@ -409,7 +409,7 @@ class Client:
             deps_of = {k: args[1] for k, _, args in tasks}
         else:
             converted, deps_of = graphspec.convert_graph(dsk, wanted)
-            order = _toposort(deps_of)  # raises GraphError on a cycle
+            order = graphspec.toposort(deps_of)  # raises GraphError on a cycle
             tasks = [(k, graphspec.run, converted[k]) for k in order]
         defined = {k for k, _, _ in tasks}
         with self._lock:
@@ -486,7 +486,7 @@ class Client:
                 except Exception as exc:
                     raise TypeError(f"cannot serialize task {k!r}: {exc}") from exc
                 entries.append(
-                    [
+                    P.submit_entry(
                         stringify(k),
                         fn_ref,
                         fl.add(frames),
@@ -495,8 +495,7 @@ class Client:
                         retries or 0,
                         resources,
                         wl,
-                        False,
-                    ]
+                    )
                 )
         except BaseException:
             # what was sent must not stay pinned by this client
@@ -603,7 +602,7 @@ class Client:
                     else f"{type(value).__name__}-{uuid.uuid4().hex}"
                 )
             keys.append(str(k))
-            entries.append([str(k), None, fl.add(frames), [], 0, 0, None, wl, False])
+            entries.append(P.submit_entry(str(k), None, fl.add(frames), [], workers=wl))
         with self._lock:
             futures = [Future(k, self) for k in keys]
         self._conn.send(P.Submit(entries, keys), fl.frames)
@@ -977,49 +976,6 @@ def _pack_futures(x: Any, values: dict[str, Any], skip: bool) -> Any:
         items = [v for v in items if v is not _Skip]
         return type(x)(items) if not isinstance(x, (set, frozenset)) else items
     return x
-
-
-def _toposort(deps_of: dict[Hashable, set[Hashable]]) -> list[Hashable]:
-    """Dependencies first, depth first from the graph's outputs (each subtree whole,
-    as dask.order keeps it): the broker runs ready tasks in this order, so a
-    reduction runs as soon as its inputs exist and their results can be freed, and a
-    chunked submission rarely leaves a task's dependent for a later chunk. Children
-    are visited in the graph's own key order; raises GraphError on a cycle."""
-    index = {k: i for i, k in enumerate(deps_of)}
-
-    def children(k: Hashable) -> Iterator[Hashable]:
-        return iter(
-            sorted((d for d in deps_of[k] if d in index), key=index.__getitem__)
-        )
-
-    has_dependent = {d for deps in deps_of.values() for d in deps}
-    roots = [k for k in deps_of if k not in has_dependent]
-    order: list[Hashable] = []
-    on_path: set[Hashable] = set()
-    done: set[Hashable] = set()
-    for root in [*roots, *deps_of]:  # the rest only matters for a cycle
-        if root in done:
-            continue
-        stack = [(root, children(root))]
-        on_path.add(root)
-        while stack:
-            k, todo = stack[-1]
-            for d in todo:
-                if d in done:
-                    continue
-                if d in on_path:
-                    cycle = [x for x, _ in stack]
-                    cycle = cycle[cycle.index(d) :]
-                    raise GraphError(f"the graph has a cycle among {cycle[:5]!r}")
-                on_path.add(d)
-                stack.append((d, children(d)))
-                break
-            else:
-                stack.pop()
-                on_path.discard(k)
-                done.add(k)
-                order.append(k)
-    return order
 
 
 def _worker_logs(n: int | None) -> list[tuple[str, str]]:

@@ -118,7 +118,7 @@ class Connection:
         if self.closed:
             raise CommClosedError("this client is closed")
         frames = P.encode(msg, payload)
-        released = [] if isinstance(msg, P.ReleaseKeys) else self._take_releases()
+        released = self._take_releases()
         with self._send_lock:
             if self.out.closed:
                 raise CommClosedError("this client is closed")
