@@ -262,7 +262,10 @@ def sent(out: list[Any], cls: type[P.Message], ident: bytes | None = None) -> li
 
 
 def freed(out: list[Any], ident: bytes) -> list[str]:
-    return sorted(k for m in sent(out, P.FreeKeys, ident) for k in m.keys)
+    """Keys ``ident`` is told to drop: FreeKeys, or RunTasks.free (dropped first)."""
+    keys = [k for m in sent(out, P.FreeKeys, ident) for k in m.keys]
+    keys += [k for m in sent(out, P.RunTasks, ident) for k in m.free or ()]
+    return sorted(keys)
 
 
 def cancelled(out: list[Any], ident: bytes) -> list[str]:
@@ -634,6 +637,46 @@ def test_release_frees_the_result_and_forgets_the_task(sim: Sim) -> None:
     assert len(sim.st.graph) == 0
     assert sim.st.workers[W1].data == set()
     assert sim.st.clients[C1].wants == set()
+
+
+def test_submit_releases_its_release_keys_first(sim: Sim) -> None:
+    """Submit.release is a ReleaseKeys handled before the tasks: resubmitting the
+    key just released computes it afresh, and the worker is told to drop the old
+    value inside the RunTasks (free first), not after it."""
+    sim.submit(C1, T("x"))
+    sim.flush()
+    sim.finish(W1, "x", large=True)
+    sim.flush()
+    fl = P.FrameList()
+    entry = P.submit_entry("x", fl.add([b"fn:x"]), fl.add([b"args:x"]), [])
+    sim.send(C1, P.Submit([entry], ["x"], ["x"]), fl.frames)
+    out = sim.flush()
+    assert sent(out, P.FreeKeys) == []
+    (run,) = sent(out, P.RunTasks, W1)
+    assert run.free == ["x"] and [t[0] for t in run.tasks] == ["x"]
+    assert sim.state("x") is S.PROCESSING
+    assert sim.st.workers[W1].data == set()
+    assert sim.st.clients[C1].wants == {"x"}
+
+
+def test_keys_freed_on_a_worker_without_new_tasks_go_in_free_keys() -> None:
+    s = Sim()
+    s.worker(W1)
+    s.worker(W2)
+    s.client(C1)
+    s.submit(C1, T("x", workers=["w1"]))
+    s.flush()
+    s.finish(W1, "x", large=True)
+    s.flush()
+    fl = P.FrameList()
+    entry = P.submit_entry(
+        "y", fl.add([b"fn:y"]), fl.add([b"args:y"]), [], workers=["w2"]
+    )
+    s.send(C1, P.Submit([entry], ["y"], ["x"]), fl.frames)
+    out = s.flush()
+    assert [m.keys for m in sent(out, P.FreeKeys, W1)] == [["x"]]
+    (run,) = sent(out, P.RunTasks, W2)
+    assert run.free is None
 
 
 def test_intermediate_result_is_freed_once_its_dependents_finish(sim: Sim) -> None:
@@ -1690,6 +1733,7 @@ class Fuzz:
             elif fw is None:
                 continue
             elif isinstance(msg, P.RunTasks):
+                fw.data.difference_update(msg.free or ())  # before the tasks
                 for key, _, _, deps, _ in msg.tasks:
                     fw.assigned[key] = dict(deps)
                     fw.cancel.discard(key)

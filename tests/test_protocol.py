@@ -143,6 +143,22 @@ def test_header_order_is_declaration_order() -> None:
     assert msgpack.unpackb(frames[2]) == [["k"], True]
 
 
+def test_trailing_fields_with_defaults_may_be_left_off_by_an_older_sender() -> None:
+    older = [P.VERSION, bytes((P.Op.SUBMIT,)), header([[], ["k"]])]
+    back, _ = P.decode(older)
+    assert back == P.Submit([], ["k"]) and back.release is None
+    older = [P.VERSION, bytes((P.Op.RUN_TASKS,)), header([[]])]
+    assert P.decode(older)[0] == P.RunTasks([])
+    for fields in (
+        [[]],
+        [[], ["k"], None, "extra"],
+    ):  # a required one missing; too many
+        with pytest.raises(P.ProtocolError, match="wrong shape"):
+            P.decode([P.VERSION, bytes((P.Op.SUBMIT,)), header(fields)])
+    with pytest.raises(P.ProtocolError, match="release"):
+        P.decode([P.VERSION, bytes((P.Op.SUBMIT,)), header([[], [], "k"])])
+
+
 # --------------------------------------------------------------------------------------
 # decode rejects
 

@@ -115,6 +115,7 @@ class Message:
     op: ClassVar[Op]
     _types: ClassVar[tuple[type | tuple[type, ...], ...]]
     _fields: ClassVar[tuple[str, ...]]
+    _required: ClassVar[int]
 
 
 _M = TypeVar("_M", bound=Message)
@@ -131,6 +132,12 @@ def message(op: Op) -> Callable[[type[_M]], type[_M]]:
         cls.op = op
         cls._fields = tuple(f.name for f in fields)
         cls._types = tuple(_runtime_type(f.type) for f in fields)
+        # Fields with defaults come last and may be left off by an older sender.
+        cls._required = sum(
+            f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+            for f in fields
+        )
         if op in _REGISTRY:
             raise RuntimeError(f"op {op!r} declared twice")
         _REGISTRY[op] = cls
@@ -203,9 +210,12 @@ class RunTasks(Message):
     """Broker -> worker. ``tasks``: ``[key, fn_ref, args_ref, deps, resources]`` where
     ``deps`` is ``[[dep_key, where], ...]`` and ``where`` is ``[start, count]`` (inline
     frames in this message), a peer's data address, or ``""`` (already on this worker).
-    ``fn_ref`` is ``None`` for scattered data (``args_ref`` is the value)."""
+    ``fn_ref`` is ``None`` for scattered data (``args_ref`` is the value). ``free``:
+    keys to drop first, as a :class:`FreeKeys` sent before it would (one message
+    instead of two on the path of every round trip)."""
 
     tasks: list
+    free: list | None = None
 
 
 @message(Op.TASK_RESULTS)
@@ -315,10 +325,13 @@ class RegisterClient(Message):
 class Submit(Message):
     """Client -> broker. ``tasks``: ``[key, fn_ref, args_ref, deps, priority, retries,
     resources, workers, allow_other_workers]``, dependencies before dependents where
-    possible. ``wants``: keys the client holds futures for (new or already known)."""
+    possible. ``wants``: keys the client holds futures for (new or already known).
+    ``release``: keys released first, as a :class:`ReleaseKeys` sent before it would
+    (a sequence of ``submit(...).result()`` then sends one message per round trip)."""
 
     tasks: list
     wants: list
+    release: list | None = None
 
 
 def submit_entry(
@@ -476,9 +489,12 @@ def decode(frames: Sequence[Any]) -> tuple[Message, list[Any]]:
         fields = msgpack.unpackb(_bytes(frames[2]), raw=False, strict_map_key=False)
     except Exception as exc:
         raise ProtocolError(f"undecodable {cls.__name__} header: {exc}") from None
-    if not isinstance(fields, list) or len(fields) != len(cls._fields):
+    if not isinstance(fields, list) or not (
+        cls._required <= len(fields) <= len(cls._fields)
+    ):
         raise ProtocolError(f"{cls.__name__} header has the wrong shape")
-    for name, value, typ in zip(cls._fields, fields, cls._types, strict=True):
+    # strict=False: trailing fields with defaults may be missing (shape checked above).
+    for name, value, typ in zip(cls._fields, fields, cls._types, strict=False):
         # bool is an int subclass: True is no count, interval or request id.
         if not isinstance(value, typ) or (
             isinstance(value, bool) and typ is not bool and bool not in _as_tuple(typ)

@@ -16,6 +16,8 @@ import zmq
 
 NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) -> None:
@@ -44,3 +46,15 @@ def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[zmq.Frame]:
         frame = recv(flags, copy=False)
         parts.append(frame)
     return parts
+
+
+def recv_ready(sock: zmq.Socket[Any]) -> list[zmq.Frame] | None:
+    """The next message if one is waiting, else ``None``. Asking the socket costs
+    under 1 us; trying to receive and catching ``zmq.Again`` about 5 us, paid at the
+    end of every burst a poll loop reads."""
+    if not sock.get(_EVENTS) & _POLLIN:  # type: ignore[operator]
+        return None
+    try:
+        return recv_frames(sock, NOBLOCK)
+    except zmq.Again:
+        return None

@@ -102,6 +102,8 @@ class ClientSide(_Base):
         c = self._client(ident)
         if c is None:
             return
+        if msg.release:
+            self._on_release_keys(ident, P.ReleaseKeys(msg.release), payload)
         tasks = self.tasks
         new: dict[str, tuple[Any, ...]] = {}
         frames_cache: dict[tuple[int, int], list[Any]] = {}

@@ -24,7 +24,7 @@ from zdist.broker.state import BrokerConfig, BrokerState
 from zdist.logs import RateLimitedLog, log_buffer
 from zdist.net import interface_ip
 from zdist.security import Security
-from zdist.wire import NOBLOCK, recv_frames, send_frames
+from zdist.wire import recv_ready, send_frames
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +138,8 @@ class BrokerServer:
         now = time.monotonic()
         state.wall = time.time()
         for _ in range(BURST):
-            try:
-                frames = recv_frames(sock, NOBLOCK)
-            except zmq.Again:
+            frames = recv_ready(sock)
+            if frames is None:
                 return
             counters["messages_in"] += 1
             ident = frames[0].bytes

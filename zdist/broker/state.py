@@ -202,13 +202,16 @@ class BrokerState(ClientSide):
             self._dispatch()
         out = self._out
         self._out = []
-        for ident, keys in self._free.items():
+        free = self._free
+        for ident, (tasks, frames) in self._run_batches.items():
+            # Keys freed on a worker that also gets tasks travel in the RunTasks,
+            # which the worker frees first: the order of two messages, in one.
+            out.append((ident, P.RunTasks(tasks, free.pop(ident, None)), frames.frames))
+        self._run_batches.clear()
+        for ident, keys in free.items():
             if ident in self.workers:
                 out.append((ident, P.FreeKeys(keys), []))
-        self._free.clear()
-        for ident, (tasks, frames) in self._run_batches.items():
-            out.append((ident, P.RunTasks(tasks), frames.frames))
-        self._run_batches.clear()
+        free.clear()
         for ident, (updates, frames) in self._updates.items():
             out.append((ident, P.TaskUpdates(updates), frames.frames))
         self._updates.clear()

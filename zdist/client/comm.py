@@ -27,7 +27,7 @@ import zmq
 from zdist import protocol as P
 from zdist.errors import CommClosedError, ZdistError
 from zdist.security import Security
-from zdist.wire import NOBLOCK, recv_frames, send_frames
+from zdist.wire import recv_ready, send_frames
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +112,25 @@ class Connection:
 
     def send(self, msg: P.Message, payload: Any = ()) -> None:
         """Send ``msg`` from the calling thread; keys released since the last message
-        go first, in the same burst (the I/O thread sends them when nothing else
-        goes: a sequence of submit(...).result() calls then wakes no other thread
-        to release each previous result)."""
+        go first, inside it if it is a Submit, else just before it (the I/O thread
+        sends them when nothing else goes: a sequence of submit(...).result() calls
+        then wakes no other thread to release each previous result)."""
         if self.closed:
             raise CommClosedError("this client is closed")
-        frames = P.encode(msg, payload)
         released = self._take_releases()
+        try:
+            if released and type(msg) is P.Submit and msg.release is None:
+                # One message, not two, on the path of every submit(...).result().
+                frames = P.encode(P.Submit(msg.tasks, msg.wants, released), payload)
+                released = []
+            else:
+                frames = P.encode(msg, payload)
+        except BaseException:
+            if released:  # the message cannot go; the releases still must
+                with self._send_lock:
+                    if not self.out.closed:
+                        send_frames(self.out, P.encode(P.ReleaseKeys(released)))
+            raise
         with self._send_lock:
             if self.out.closed:
                 raise CommClosedError("this client is closed")
@@ -230,9 +242,8 @@ class Connection:
 
     def _receive(self) -> None:
         while True:
-            try:
-                frames = recv_frames(self.sock, NOBLOCK)
-            except zmq.Again:
+            frames = recv_ready(self.sock)
+            if frames is None:
                 return
             self._last_heard = time.monotonic()
             try:

@@ -34,7 +34,7 @@ from zdist.keys import key_group
 from zdist.logs import RateLimitedLog, log_buffer
 from zdist.net import interface_ip, local_ip_towards, split_address
 from zdist.security import Security
-from zdist.wire import NOBLOCK, recv_frames, send_frames
+from zdist.wire import NOBLOCK, recv_frames, recv_ready, send_frames
 from zdist.worker import context
 from zdist.worker.execute import FunctionCache, Outcome, run_task
 from zdist.worker.memory import SpillBuffer, process_memory
@@ -393,9 +393,8 @@ class Worker:
         sock = self.broker
         assert sock is not None
         while True:
-            try:
-                frames = recv_frames(sock, NOBLOCK)
-            except zmq.Again:
+            frames = recv_ready(sock)
+            if frames is None:
                 return
             self._last_heard = time.monotonic()
             try:
@@ -417,8 +416,7 @@ class Worker:
         if isinstance(msg, P.RunTasks):
             self._on_run_tasks(msg, payload)
         elif isinstance(msg, P.FreeKeys):
-            for key in msg.keys:
-                self.data.discard(key)
+            self._free(msg.keys)
         elif isinstance(msg, P.CancelTasks):
             self._withdraw(msg.keys)
         elif isinstance(msg, P.SendData):
@@ -454,7 +452,13 @@ class Worker:
     # ==================================================================================
     # tasks
 
+    def _free(self, keys: list[Any]) -> None:
+        for key in keys:
+            self.data.discard(key)
+
     def _on_run_tasks(self, msg: P.RunTasks, payload: list[Any]) -> None:
+        if msg.free:
+            self._free(msg.free)
         fetch: dict[str, list[str]] = {}
         # A map's tasks share one function frame: copy it to bytes once per message
         # (bytes cache their hash, which the function cache is keyed by).
