@@ -29,10 +29,12 @@ Workloads (sizes for the full run; --quick divides them by ~10):
   W10 dask.array (x + x.T).mean() of a 10,000 x 10,000 random array in
                  1,000 x 1,000 chunks, via client.compute            s
 Security rows run W1 and W2 on a zdist cluster with security=False; every other
-zdist row runs with security on (its default).
+zdist row runs with security on (its default). With W1, the W1 floor row times
+2,000 round trips over the same four hops in bare pyzmq (bench_floor.py).
 
-Beside it: bench_tasks.py (the task functions workers import), bench_memory.py
-(process trees and RSS from /proc), bench_report.py (targets, table, chart).
+Beside it: bench_floor.py (W1's floor), bench_tasks.py (the task functions workers
+import), bench_memory.py (process trees and RSS from /proc), bench_report.py
+(targets, table, chart).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def _make_tasks_importable() -> None:
 _make_tasks_importable()
 
 import bench_tasks as tasks  # noqa: E402
+from bench_floor import floor_round_trip  # noqa: E402
 from bench_memory import (  # noqa: E402
     MiB,
     PeakRss,
@@ -105,6 +108,7 @@ THREADS_PER_WORKER = 1
 @dataclass(frozen=True)
 class Sizes:
     w1_trips: int = 300
+    floor_trips: int = 2_000
     w2_items: int = 20_000
     w3_leaves: int = 4_096
     w4_hops: int = 2_000
@@ -124,6 +128,7 @@ class Sizes:
 FULL = Sizes()
 QUICK = Sizes(
     w1_trips=30,
+    floor_trips=500,
     w2_items=2_000,
     w3_leaves=512,
     w4_hops=200,
@@ -141,6 +146,7 @@ QUICK = Sizes(
 # Only for the smoke test (tests/test_bench_smoke.py): checks that every row runs.
 TINY = Sizes(
     w1_trips=10,
+    floor_trips=50,
     w2_items=200,
     w3_leaves=64,
     w4_hops=20,
@@ -757,6 +763,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.backend_list:
         runner.run_backend(
             make_backend(name), args.only_set, security_rows=not args.no_security_rows
+        )
+    if "W1" in args.only_set and "zdist" in args.backend_list:
+        # One repetition of many round trips (its own median), no warm-up.
+        runner.repeat(
+            "zdist",
+            "W1-floor",
+            lambda: {"W1-floor": floor_round_trip(sizes.floor_trips)},
+            reps=1,
+            warmup=False,
         )
     if "W9" in args.only_set and "zdist" in args.backend_list:
         # One repetition, no warm-up: it starts its own broker and 1,000 sockets.

@@ -34,6 +34,12 @@ ROWS: dict[str, RowSpec] = {
         RowSpec(
             "W1-secoff", "W1 latency, security off", f"{MU}s per round trip", False
         ),
+        RowSpec(
+            "W1-floor",
+            "W1 floor: bare pyzmq, the same 4 hops, no work",
+            f"{MU}s per round trip",
+            False,
+        ),
         RowSpec("W2", "W2 throughput", "tasks/s", True),
         RowSpec("W2-secoff", "W2 throughput, security off", "tasks/s", True),
         RowSpec("W3", "W3 graph (tree reduction)", "tasks/s", True),
@@ -95,6 +101,12 @@ def target_for(
         return "<= 0.1x dask, <= 1.5x ppe", _all_met(
             [ratio_at_most(d, 0.1), ratio_at_most(p, 1.5)]
         )
+    if row == "W1-floor":
+        # Context for W1's ppe target, not a target: what the topology alone costs.
+        p1 = medians.get("ppe", {}).get("W1")
+        if z is None or p1 is None:
+            return "", None
+        return f"(context: {z / p1:.2f}x ppe's W1)", None
     if row == "W2":
         return ">= 10x dask, >= 1x ppe, >= 20,000/s", _all_met(
             [
@@ -189,6 +201,10 @@ def markdown(
         f"{info['sizes']['w8_tasks_zdist']:,} tasks and dask on "
         f"{info['sizes']['w8_tasks_other']:,}, so its time has no ratio. Security cost "
         "rows compare zdist's security on (its default) with security=False. "
+        "The W1 floor row is scripts/bench_floor.py: client -> broker -> worker -> "
+        "broker -> client over bare pyzmq with CurveZMQ and no work, in three "
+        "processes that block in poll as zdist's do; nothing built this way can "
+        "beat it. "
         "ppe's W4 is sequential submit().result() round trips: a ProcessPoolExecutor "
         "cannot take a future as an argument.",
     ]

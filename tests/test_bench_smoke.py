@@ -25,6 +25,7 @@ BENCH = ROOT / "scripts" / "bench.py"
 TIMED_ROWS = [
     "W1",
     "W1-secoff",
+    "W1-floor",
     "W2",
     "W2-secoff",
     "W3",
