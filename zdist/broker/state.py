@@ -720,10 +720,23 @@ class BrokerState(ClientSide):
                 heap.append((w.occupancy() / w.nthreads, i, w, free))
         heapq.heapify(heap)
         heappop, heappush = heapq.heappop, heapq.heappush
+        queued_locally: bool | None = None
         while heap:
             load, i, w, free = heappop(heap)
             t = self._next_task_for(w)
             if t is None:
+                if not self.ready:
+                    # Nothing shared is left: only a worker's own queue (or a steal
+                    # from one) can give more. With none, stop here rather than ask
+                    # every other idle worker, each of which would scan all workers
+                    # for a steal: O(workers^2), 0.6 s per task with 1,000 idle
+                    # workers. Local queues only shrink while dispatching.
+                    if queued_locally is None:
+                        queued_locally = any(
+                            x.local_queue for x in self.workers.values()
+                        )
+                    if not queued_locally:
+                        break
                 continue
             self._assign(t, w)
             if free > 1:
