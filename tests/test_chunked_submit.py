@@ -1,4 +1,4 @@
-"""A large map or graph is sent in chunks (zdist.client.client.SUBMIT_CHUNK), so the
+"""A large map or graph is sent in chunks (zdist.client.submission.SUBMIT_CHUNK), so the
 broker and workers start while the client pickles the rest. Real LocalCluster; the
 chunk size is made tiny here so that every graph spans many chunks and early chunks
 finish before later ones arrive."""
@@ -13,7 +13,7 @@ import tasks
 from utils import wait_for
 
 from zdist import Client, LocalCluster
-from zdist.client import client as client_module
+from zdist.client import submission
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -27,7 +27,7 @@ def small_chunk_client() -> Iterator[Client]:
 
 @pytest.fixture(autouse=True)
 def tiny_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(client_module, "SUBMIT_CHUNK", 7)
+    monkeypatch.setattr(submission, "SUBMIT_CHUNK", 7)
 
 
 def _broker_tasks(c: Client) -> int:

@@ -23,7 +23,8 @@ from slurm_util import require_ib0, require_slurm
 from utils import wait_for
 
 from zdist import Client, PBSCluster, SLURMCluster
-from zdist.client.jobqueue import MAX_CONSECUTIVE_FAILURES, JobError, JobState
+from zdist.client.jobqueue import MAX_CONSECUTIVE_FAILURES
+from zdist.client.jobs import JobError, JobState
 
 pytestmark = pytest.mark.timeout(120)
 

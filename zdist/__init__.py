@@ -18,8 +18,8 @@ _EXPORTS = {
     "default_client": "zdist.client.client",
     "Future": "zdist.client.future",
     "LocalCluster": "zdist.client.local",
-    "PBSCluster": "zdist.client.jobqueue",
-    "SLURMCluster": "zdist.client.jobqueue",
+    "PBSCluster": "zdist.client.pbs",
+    "SLURMCluster": "zdist.client.slurm",
     "as_completed": "zdist.client.waiting",
     "fire_and_forget": "zdist.client.waiting",
     "progress": "zdist.client.waiting",
@@ -81,8 +81,9 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from zdist.client.client import Client, default_client
     from zdist.client.future import Future
-    from zdist.client.jobqueue import PBSCluster, SLURMCluster
     from zdist.client.local import LocalCluster
+    from zdist.client.pbs import PBSCluster
+    from zdist.client.slurm import SLURMCluster
     from zdist.client.waiting import as_completed, fire_and_forget, progress, wait
     from zdist.errors import (
         CommClosedError,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -10,15 +9,19 @@ import threading
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from zdist import graphspec, serialize
 from zdist import protocol as P
 from zdist._version import mismatches, versions
+from zdist.client import submission
 from zdist.client.comm import Connection
 from zdist.client.future import Future, FutureState
-from zdist.errors import CommClosedError, GraphError, SecurityError
+from zdist.client.on_worker import _count, _install_file, _worker_logs
+from zdist.client.results import _flatten_futures, fetch_values, gather_results
+from zdist.client.submission import _worker_list
+from zdist.errors import CommClosedError, SecurityError
 from zdist.net import split_address
 from zdist.security import Security, wait_for_scheduler_file
 
@@ -26,11 +29,6 @@ logger = logging.getLogger(__name__)
 
 _default_client: Client | None = None
 _default_lock = threading.Lock()
-#: Pickled functions kept per client, so a loop of submit(f, i) pickles f once.
-_FUNCTION_CACHE_SIZE = 256
-#: Tasks per Submit message of a large map or graph: the broker and workers start on
-#: the first chunk while the client pickles the rest.
-SUBMIT_CHUNK = 1000
 #: Pending releases that wake the I/O thread at once instead of waiting for its turn.
 RELEASE_BATCH = 10_000
 
@@ -219,25 +217,6 @@ class Client:
     # ==================================================================================
     # submitting
 
-    def _dumps_function(self, func: Callable[..., Any]) -> bytes:
-        try:
-            cached = self._fn_cache.get(func)
-        except TypeError:  # unhashable callable
-            cached = None
-        if cached is not None:
-            return cached
-        try:
-            data = serialize.dumps_function(func)
-        except Exception as exc:
-            raise TypeError(f"cannot serialize function {func!r}: {exc}") from exc
-        try:
-            if len(self._fn_cache) >= _FUNCTION_CACHE_SIZE:
-                self._fn_cache.clear()
-            self._fn_cache[func] = data
-        except TypeError:
-            pass
-        return data
-
     def submit(
         self,
         func: Callable[..., Any],
@@ -259,33 +238,19 @@ class Client:
             raise TypeError("First input to submit must be a callable function")
         if actor or actors:
             raise NotImplementedError("zdist has no actors")
-        fn = self._dumps_function(func)
-        frames, deps = _dumps_args(func, (args, kwargs))
-        if key is None:
-            key = (
-                _make_key(func, fn, frames)
-                if pure
-                else f"{_funcname(func)}-{uuid.uuid4().hex}"
-            )
-        with self._lock:
-            existing = self._futures.get(key)
-            if existing is not None:
-                return Future(key, self, existing)
-            future = Future(key, self)
-        fl = P.FrameList()
-        entry = P.submit_entry(
-            key,
-            fl.add([fn], inline=False),
-            fl.add(frames),
-            deps,
-            priority,
-            retries or 0,
-            resources,
-            _worker_list(workers),
-            allow_other_workers,
+        return submission.submit_call(
+            self,
+            func,
+            args,
+            kwargs,
+            key=key,
+            workers=workers,
+            resources=resources,
+            retries=retries,
+            priority=priority,
+            allow_other_workers=allow_other_workers,
+            pure=pure,
         )
-        self._conn.send(P.Submit([entry], [key]), fl.frames)
-        return future
 
     def map(
         self,
@@ -304,7 +269,8 @@ class Client:
         batch_size: int | None = None,
         **kwargs: Any,
     ) -> list[Future]:
-        """``submit`` over zipped iterables, sent to the broker as one message."""
+        """``submit`` over zipped iterables, sent to the broker in Submit messages of
+        up to SUBMIT_CHUNK tasks (the broker and workers start on the first)."""
         if not callable(func):
             raise TypeError("First input to map must be a callable function")
         if (
@@ -312,52 +278,19 @@ class Client:
             or not iterables
         ):
             raise TypeError("Dask/zdist map requires iterables of arguments")
-        fn = self._dumps_function(func)
-        arg_lists = list(zip(*iterables, strict=False))
-        fl = P.FrameList()
-        fn_ref = fl.add([fn], inline=False)
-        entries: list[list[Any]] = []
-        futures = []
-        wants: list[str] = []
-        name = _funcname(func)
-        wl = _worker_list(workers)
-        with self._lock:
-            for i, args in enumerate(arg_lists):
-                if len(entries) >= SUBMIT_CHUNK:
-                    # The broker starts on these while the rest is being pickled.
-                    self._conn.send(P.Submit(entries, wants), fl.frames)
-                    fl = P.FrameList()
-                    fn_ref = fl.add([fn], inline=False)
-                    entries, wants = [], []
-                frames, deps = _dumps_args(func, (args, kwargs))
-                if isinstance(key, list):
-                    k = key[i]
-                elif isinstance(key, str):
-                    k = f"{key}-{i}" if not pure else f"{key}-{_digest(fn, frames)}"
-                elif pure:
-                    k = f"{name}-{_digest(fn, frames)}"
-                else:
-                    k = f"{name}-{uuid.uuid4().hex}"
-                existing = self._futures.get(k)
-                futures.append(Future(k, self, existing))
-                if existing is None:
-                    entries.append(
-                        P.submit_entry(
-                            k,
-                            fn_ref,
-                            fl.add(frames),
-                            deps,
-                            priority,
-                            retries or 0,
-                            resources,
-                            wl,
-                            allow_other_workers,
-                        )
-                    )
-                    wants.append(k)
-        if entries:
-            self._conn.send(P.Submit(entries, wants), fl.frames)
-        return futures
+        return submission.submit_map(
+            self,
+            func,
+            iterables,
+            kwargs,
+            key=key,
+            workers=workers,
+            retries=retries,
+            resources=resources,
+            priority=priority,
+            allow_other_workers=allow_other_workers,
+            pure=pure,
+        )
 
     def get(
         self,
@@ -375,8 +308,11 @@ class Client:
         keys): dask's scheduler interface, so ``dask.compute(x, scheduler=client.get)``
         runs ``x`` here. ``dsk`` is a plain graph ``{key: (func, *args)}`` or what dask
         collections produce (expressions, HighLevelGraphs, task-spec nodes). Each task
-        of the culled graph is one zdist task; the graph travels as one message."""
-        futures = self._submit_graph(dsk, keys, resources, retries, priority, workers)
+        of the culled graph is one zdist task; the graph travels in Submit
+        messages of up to SUBMIT_CHUNK tasks, dependencies first."""
+        futures = submission.submit_graph(
+            self, dsk, keys, resources, retries, priority, workers
+        )
         if not sync:
             return graphspec.pack_results(keys, futures)
         try:
@@ -385,131 +321,6 @@ class Client:
             return graphspec.pack_results(keys, by_key)
         finally:
             del futures
-
-    def _submit_graph(
-        self,
-        dsk: Any,
-        keys: Any,
-        resources: Any,
-        retries: int | None,
-        priority: int,
-        workers: Any,
-    ) -> dict[Hashable, Future]:
-        wanted = graphspec.flatten_keys(keys)
-        # (key, function, arguments), dependencies before dependents. The broker runs
-        # ready tasks in this order (after higher ``priority``, and after earlier
-        # graphs), so for dask collections it is dask.order's.
-        tasks: list[tuple[Hashable, Callable[..., Any], Any]]
-        deps_of: Mapping[Hashable, Iterable[Hashable]]
-        if graphspec.from_dask(dsk):
-            from zdist.client import dask_support
-
-            tasks = dask_support.graph_tasks(dsk, wanted)
-            # graph_tasks' arguments are (node, {dependency: KeyRef})
-            deps_of = {k: args[1] for k, _, args in tasks}
-        else:
-            converted, deps_of = graphspec.convert_graph(dsk, wanted)
-            order = graphspec.toposort(deps_of)  # raises GraphError on a cycle
-            tasks = [(k, graphspec.run, converted[k]) for k in order]
-        defined = {k for k, _, _ in tasks}
-        with self._lock:
-            missing = [
-                k
-                for k in wanted
-                if k not in defined and graphspec.stringify(k) not in self._futures
-            ]
-        if missing:
-            raise GraphError(
-                f"requested key(s) {missing[:5]!r} are not in the graph and not held "
-                f"by this client"
-            )
-        futures: dict[Hashable, Future] = {}
-        with self._lock:
-            for k in wanted:
-                futures[k] = Future(graphspec.stringify(k), self)
-        wanted_keys = [graphspec.stringify(k) for k in futures]
-        self._send_graph(
-            tasks, deps_of, wanted_keys, workers, resources, retries, priority
-        )
-        return futures
-
-    def _send_graph(
-        self,
-        tasks: list[tuple[Hashable, Callable[..., Any], Any]],
-        deps_of: Mapping[Hashable, Iterable[Hashable]],
-        wanted_keys: list[str],
-        workers: Any,
-        resources: Any,
-        retries: int | None,
-        priority: int,
-    ) -> None:
-        """Pickle and send ``tasks`` (dependencies first). A large graph goes in
-        chunks of SUBMIT_CHUNK, so the broker and workers start while the rest is
-        pickled. A task with a dependent in a later chunk is wanted by this client
-        until that chunk is sent (else, finished and wanted by nobody, it would be
-        forgotten before its dependent arrives); then that pin is dropped."""
-        stringify = graphspec.stringify
-        chunk = SUBMIT_CHUNK
-        last_chunk: dict[str, int] = {}  # key -> chunk of its last dependent
-        if len(tasks) > chunk:
-            for i, (k, _, _) in enumerate(tasks):
-                for d in deps_of.get(k, ()):
-                    last_chunk[stringify(d)] = i // chunk
-        wanted = set(wanted_keys)
-        unpin_after: dict[int, list[str]] = {}  # chunk -> pins it makes needless
-        fl = P.FrameList()
-        fn_refs: dict[Any, Any] = {}
-        entries: list[list[Any]] = []
-        wl = _worker_list(workers)
-        n_chunk = 0
-        try:
-            for k, func, args in tasks:
-                if len(entries) >= chunk:
-                    pins = []
-                    for e in entries:
-                        later = last_chunk.get(e[0], -1)
-                        if later > n_chunk or e[0] in wanted:
-                            pins.append(e[0])
-                            if e[0] not in wanted:
-                                unpin_after.setdefault(later, []).append(e[0])
-                    self._conn.send(P.Submit(entries, pins), fl.frames)
-                    self._unpin(unpin_after.pop(n_chunk, []))
-                    fl, fn_refs, entries = P.FrameList(), {}, []
-                    n_chunk += 1
-                fn_ref = fn_refs.get(func)
-                if fn_ref is None:
-                    fn_ref = fn_refs[func] = fl.add(
-                        [self._dumps_function(func)], inline=False
-                    )
-                try:
-                    frames, deps = serialize.dumps_args((args, {}))
-                except Exception as exc:
-                    raise TypeError(f"cannot serialize task {k!r}: {exc}") from exc
-                entries.append(
-                    P.submit_entry(
-                        stringify(k),
-                        fn_ref,
-                        fl.add(frames),
-                        deps,
-                        priority,
-                        retries or 0,
-                        resources,
-                        wl,
-                    )
-                )
-        except BaseException:
-            # what was sent must not stay pinned by this client
-            self._unpin([k for keys in unpin_after.values() for k in keys])
-            raise
-        self._conn.send(P.Submit(entries, wanted_keys), fl.frames)
-        self._unpin([k for keys in unpin_after.values() for k in keys])
-
-    def _unpin(self, keys: list[str]) -> None:
-        """Drop this client's want of ``keys``, but of none it holds futures of."""
-        if keys:
-            with self._lock:
-                drop = [k for k in keys if k not in self._futures]
-            self._conn.send(P.ReleaseKeys(drop))
 
     def compute(
         self,
@@ -536,8 +347,8 @@ class Client:
             sync=sync,
             optimize_graph=optimize_graph,
             traverse=traverse,
-            submit=lambda expr, names: self._submit_graph(
-                expr, names, resources, retries, priority, workers
+            submit=lambda expr, names: submission.submit_graph(
+                self, expr, names, resources, retries, priority, workers
             ),
         )
 
@@ -561,8 +372,8 @@ class Client:
         return dask_support.persist(
             collections,
             optimize_graph=optimize_graph,
-            submit=lambda expr, names: self._submit_graph(
-                expr, names, resources, retries, priority, workers
+            submit=lambda expr, names: submission.submit_graph(
+                self, expr, names, resources, retries, priority, workers
             ),
         )
 
@@ -590,22 +401,7 @@ class Client:
             items = [(None, v) for v in data]
         else:
             items = [(None, data)]
-        fl = P.FrameList()
-        entries, keys = [], []
-        wl = _worker_list(workers)
-        for k, value in items:
-            frames = serialize.dumps(value)
-            if k is None:
-                k = (
-                    f"{type(value).__name__}-{_digest(b'', frames)}"
-                    if hash
-                    else f"{type(value).__name__}-{uuid.uuid4().hex}"
-                )
-            keys.append(str(k))
-            entries.append(P.submit_entry(str(k), None, fl.add(frames), [], workers=wl))
-        with self._lock:
-            futures = [Future(k, self) for k in keys]
-        self._conn.send(P.Submit(entries, keys), fl.frames)
+        futures = submission.submit_data(self, items, workers, hash)
         if broadcast:
             wait(futures)
             self.replicate(futures)
@@ -652,68 +448,10 @@ class Client:
         """Values of (a structure of) futures, in the same structure."""
         if errors not in ("raise", "skip"):
             raise ValueError("errors must be 'raise' or 'skip'")
-        flat = _flatten_futures(futures)
-        for f in flat:
-            f._state.wait()
-        values: dict[str, Any] = {}
-        fetch = []
-        for f in flat:
-            st = f._state
-            if st.status == "finished":
-                if st.frames is None and not st.has_value():
-                    fetch.append(f)
-                else:
-                    values[f.key] = st.value()
-            elif errors == "raise":
-                raise st.exception()
-        if fetch:
-            for f, v in zip(fetch, self._fetch_values(fetch, None), strict=False):
-                values[f.key] = v
-        return _pack_futures(futures, values, errors == "skip")
+        return gather_results(self, futures, errors)
 
     def _fetch_values(self, futures: list[Future], timeout: float | None) -> list[Any]:
-        keys = list(dict.fromkeys(f.key for f in futures))
-        req_id, slot = self._conn.request(lambda r: P.Gather(r, keys), expect=1 << 30)
-        got: dict[str, Any] = {}
-        missing: list[str] = []
-        # Replies may come in parts (one per worker holding data); collect until every
-        # key is answered.
-        import time
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        seen = 0
-        try:
-            while len(got) + len(missing) < len(keys):
-                remaining = (
-                    None if deadline is None else max(0, deadline - time.monotonic())
-                )
-                if not slot.event.wait(
-                    0.05 if remaining is None else min(0.05, remaining)
-                ):
-                    if slot.lost:
-                        raise CommClosedError(slot.lost)
-                    if self._conn.closed:
-                        raise CommClosedError("client closed while gathering")
-                    if remaining is not None and remaining <= 0:
-                        raise TimeoutError("gather timed out")
-                for msg, payload in slot.replies[seen:]:
-                    seen += 1
-                    if isinstance(msg, P.Error):
-                        raise CommClosedError(msg.text)
-                    assert isinstance(msg, P.DataReply)
-                    for key, ref in msg.values:
-                        got[key] = serialize.loads(P.ref_frames(payload, ref))
-                    missing.extend(msg.missing)
-                slot.event.clear()
-        finally:
-            self._conn._requests.pop(req_id, None)
-        if missing:
-            from zdist.errors import FutureLostError
-
-            raise FutureLostError(f"the broker no longer holds {missing[:5]}")
-        for f in futures:
-            f._state.set_value(got[f.key])
-        return [got[f.key] for f in futures]
+        return fetch_values(self, futures, timeout)
 
     # ==================================================================================
     # cluster-wide operations
@@ -729,7 +467,7 @@ class Client:
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Run ``function`` on every worker (not as a task); ``{address: result}``."""
-        fn = self._dumps_function(function)
+        fn = submission.dumps_function(self, function)
         arg_frames = serialize.dumps((args, kwargs))
         req_id, slot = self._conn.request(
             lambda r: P.RunOnWorkers(r, _worker_list(workers) or []), [fn, *arg_frames]
@@ -916,101 +654,6 @@ def _resolve_security(
         f"Client(address, security=Security.from_file(path)), or security=False for a "
         f"broker started with --no-security"
     )
-
-
-def _funcname(func: Any) -> str:
-    name = getattr(func, "__name__", None) or type(func).__name__
-    return "lambda" if name == "<lambda>" else name
-
-
-def _digest(fn: bytes, frames: list[Any]) -> str:
-    h = hashlib.md5(fn, usedforsecurity=False)
-    for f in frames:
-        h.update(f)
-    return h.hexdigest()
-
-
-def _make_key(func: Any, fn: bytes, frames: list[Any]) -> str:
-    return f"{_funcname(func)}-{_digest(fn, frames)}"
-
-
-def _dumps_args(func: Any, args: Any) -> tuple[list[Any], list[str]]:
-    try:
-        return serialize.dumps_args(args)
-    except Exception as exc:
-        raise TypeError(
-            f"cannot serialize the arguments of {_funcname(func)}: {exc}"
-        ) from exc
-
-
-def _worker_list(workers: Any) -> list[str] | None:
-    if workers is None:
-        return None
-    if isinstance(workers, str):
-        return [workers]
-    return [str(w) for w in workers]
-
-
-def _flatten_futures(x: Any) -> list[Future]:
-    if isinstance(x, Future):
-        return [x]
-    if isinstance(x, Mapping):
-        return [f for v in x.values() for f in _flatten_futures(v)]
-    if isinstance(x, (list, tuple, set, frozenset, Iterator)):
-        return [f for v in x for f in _flatten_futures(v)]
-    return []
-
-
-class _Skip:
-    pass
-
-
-def _pack_futures(x: Any, values: dict[str, Any], skip: bool) -> Any:
-    if isinstance(x, Future):
-        return values.get(x.key, _Skip) if skip else values[x.key]
-    if isinstance(x, Mapping):
-        out = {k: _pack_futures(v, values, skip) for k, v in x.items()}
-        return {k: v for k, v in out.items() if v is not _Skip}
-    if isinstance(x, (list, tuple, set, frozenset)):
-        items = [_pack_futures(v, values, skip) for v in x]
-        items = [v for v in items if v is not _Skip]
-        return type(x)(items) if not isinstance(x, (set, frozenset)) else items
-    return x
-
-
-def _worker_logs(n: int | None) -> list[tuple[str, str]]:
-    from zdist.logs import log_buffer
-
-    records = list(log_buffer().records)
-    return records[-n:] if n else records
-
-
-def _count(xs: list[Any]) -> int:
-    return len(xs)
-
-
-def _install_file(name: str, data: bytes, load: bool) -> str:
-    import importlib
-    import sys
-
-    from zdist.worker.context import get_worker
-
-    directory = get_worker().local_directory
-    path = os.path.join(directory, name)
-    with open(path, "wb") as f:
-        f.write(data)
-    if directory not in sys.path:
-        sys.path.insert(0, directory)
-    if name.endswith((".zip", ".egg")) and path not in sys.path:
-        sys.path.insert(0, path)
-    importlib.invalidate_caches()
-    if load and name.endswith(".py"):
-        mod = name[:-3]
-        if mod in sys.modules:
-            importlib.reload(sys.modules[mod])
-        else:
-            importlib.import_module(mod)
-    return path
 
 
 def wait(

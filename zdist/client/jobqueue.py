@@ -1,4 +1,6 @@
-"""PBSCluster and SLURMCluster: workers in batch jobs, with dask-jobqueue's API.
+"""JobQueueCluster: workers in batch jobs, with dask-jobqueue's API.
+
+The batch systems' subclasses are PBSCluster (pbs.py) and SLURMCluster (slurm.py).
 
 The broker runs as a child ``zbroker`` of this Python process (as with LocalCluster)
 and writes its address and keys to a scheduler file (mode 0600) in a private
@@ -24,27 +26,34 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
-import getpass
 import logging
 import math
 import os
 import re
-import shutil
-import stat
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from zdist.client.jobscript import JobSpec, parse_memory, render_pbs, render_slurm
-from zdist.errors import SecurityError, ZdistError
+from zdist.client.adaptive import Adaptive
+from zdist.client.jobs import (
+    COMMAND_TIMEOUT,
+    Job,
+    JobError,
+    JobState,
+    Status,
+    _output,
+    _private_directory,
+    _Resources,
+    _run,
+    _seconds,
+    _tail,
+)
+from zdist.client.jobscript import JobSpec, parse_memory
+from zdist.errors import SecurityError
 from zdist.security import Security, read_json_file
 
 logger = logging.getLogger(__name__)
@@ -55,247 +64,6 @@ MAX_CONSECUTIVE_FAILURES = 3
 #: Seconds between queue polls. Schedulers count qstat/squeue calls; 5 s is gentle on
 #: a shared PBS server and still notices a dead job quickly.
 DEFAULT_POLL_INTERVAL = 5.0
-#: Seconds a submit or status command may take before it counts as failed.
-COMMAND_TIMEOUT = 60.0
-#: Lines of a failed job's output quoted in its report.
-LOG_TAIL_LINES = 20
-
-
-class JobError(ZdistError):
-    """A job could not be submitted, or jobs ended before their workers connected."""
-
-
-class Status(enum.Enum):
-    """The cluster's life (dask's names)."""
-
-    created = "created"
-    """Constructed; the broker is starting."""
-    running = "running"
-    """The broker runs; jobs may be submitted."""
-    closing = "closing"
-    """close() is cancelling jobs and stopping the broker."""
-    closed = "closed"
-    """Every job was cancelled and the broker stopped."""
-
-
-class JobState(enum.Enum):
-    """Where one batch job is."""
-
-    pending = "pending"
-    """Queued (or held) by the batch system."""
-    running = "running"
-    """Started by the batch system; none of its workers has registered yet."""
-    connected = "connected"
-    """At least one of its workers registered with the broker."""
-    finished = "finished"
-    """Left the queue after its workers had connected (lifetime, walltime, exit)."""
-    failed = "failed"
-    """Left the queue before any worker connected; ``reason`` quotes its output."""
-    cancelled = "cancelled"
-    """Cancelled by scale down, adapt or close."""
-
-
-ENDED_STATES = frozenset({JobState.finished, JobState.failed, JobState.cancelled})
-
-
-@dataclass
-class Job:
-    """One submitted batch job. ``id`` is what qsub/sbatch printed."""
-
-    id: str
-    seq: int
-    submit_argv: list[str]
-    state: JobState = JobState.pending
-    queue_state: str = ""
-    submitted_at: float = field(default_factory=time.time)
-    ended_at: float | None = None
-    workers: set[str] = field(default_factory=set)
-    reason: str = ""
-
-    @property
-    def number(self) -> str:
-        """The numeric part of the id ("123" of "123.gadi-pbs")."""
-        m = re.match(r"\d+", self.id)
-        return m.group(0) if m else self.id
-
-
-def _seconds(value: float | str) -> float:
-    """1.5, "500ms", "1s", "2m" -> seconds (dask's interval strings)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    m = re.fullmatch(r"\s*([0-9.]+)\s*(ms|s|m|h)?\s*", str(value))
-    if not m:
-        raise ValueError(f"{value!r} is not a duration like 1.5, '500ms' or '2s'")
-    return (
-        float(m.group(1))
-        * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
-    )
-
-
-def _private_directory(base: str | os.PathLike[str] | None) -> Path:
-    """A fresh 0700 directory for the scheduler file and job scripts.
-
-    ``base`` must be on a filesystem the compute nodes share (home, /scratch); by
-    default ``~/.zdist/clusters``.
-    """
-    if base is None:
-        root = Path.home() / ".zdist" / "clusters"
-        for d in (root.parent, root):
-            if not d.exists():
-                d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    else:
-        root = Path(base).expanduser().absolute()
-        root.mkdir(parents=True, exist_ok=True)
-    mode = root.stat().st_mode
-    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
-        # Another user could rename our directory away and put their own in its place.
-        raise SecurityError(
-            f"refusing to use {root}: it is world-writable without the sticky bit"
-        )
-    return Path(tempfile.mkdtemp(prefix="cluster-", dir=root))  # mode 0700
-
-
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 8192))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _run(
-    argv: Sequence[str], cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            list(argv),
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except FileNotFoundError:
-        raise JobError(
-            f"{argv[0]} not found on PATH: this cluster submits jobs with "
-            f"{argv[0]}; run it on a login node of the batch system (or load the "
-            f"module that provides {argv[0]})"
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise JobError(
-            f"{' '.join(argv)} did not answer within {COMMAND_TIMEOUT:.0f} s"
-        ) from None
-
-
-def _output(result: subprocess.CompletedProcess[str]) -> str:
-    return "\n".join(s.strip() for s in (result.stderr, result.stdout) if s.strip())
-
-
-class _Resources:
-    """What must be released even if the cluster is never closed: the jobs, the
-    private client, the broker and the private directory (weakref.finalize's
-    target, so it holds no reference to the cluster)."""
-
-    def __init__(self, cancel_command: str) -> None:
-        self.cancel_command = cancel_command
-        self.lock = threading.RLock()
-        self.stop = threading.Event()
-        self.jobs: dict[str, Job] = {}
-        self.client: Any = None
-        self.broker: Any = None
-        self.directory: Path | None = None
-
-    def cancel(self, jobs: Iterable[Job]) -> None:
-        ids = [j.id for j in jobs]
-        if not ids:
-            return
-        try:
-            result = _run([self.cancel_command, *ids])
-        except JobError as exc:
-            logger.warning("cannot cancel jobs %s: %s", " ".join(ids), exc)
-            return
-        if result.returncode != 0:
-            # Usually a job that ended meanwhile; the next poll tells.
-            logger.debug(
-                "%s %s: %s", self.cancel_command, " ".join(ids), _output(result)
-            )
-
-    def release(self) -> None:
-        self.stop.set()
-        locked = self.lock.acquire(timeout=COMMAND_TIMEOUT)
-        try:
-            jobs = list(self.jobs.values())
-            self.jobs.clear()
-            self.cancel(jobs)
-            client, self.client = self.client, None
-            if client is not None:
-                try:
-                    client.close()
-                except Exception:  # best effort at interpreter exit
-                    logger.debug("closing the cluster's client failed", exc_info=True)
-            broker, self.broker = self.broker, None
-            if broker is not None:
-                broker.close()
-            directory, self.directory = self.directory, None
-            if directory is not None:
-                shutil.rmtree(directory, ignore_errors=True)
-        finally:
-            if locked:
-                self.lock.release()
-
-
-class Adaptive:
-    """Grow with queued tasks, shrink after ``wait_count`` idle checks (dask's names).
-
-    The target is the number of jobs whose threads cover the outstanding tasks
-    (ready + waiting + processing), between ``minimum`` and ``maximum`` jobs. Growing
-    is immediate; shrinking waits ``wait_count`` checks in a row, so workers do not
-    churn between two computations.
-    """
-
-    def __init__(
-        self,
-        cluster: JobQueueCluster,
-        minimum: int = 0,
-        maximum: float = math.inf,
-        interval: float | str = "1s",
-        wait_count: int = 3,
-    ) -> None:
-        if minimum < 0 or maximum < minimum:
-            raise ValueError(
-                f"adapt needs 0 <= minimum_jobs <= maximum_jobs, got {minimum}, "
-                f"{maximum}"
-            )
-        if wait_count < 1:
-            raise ValueError(f"wait_count must be at least 1, not {wait_count!r}")
-        self._cluster = weakref.ref(cluster)
-        self.minimum = minimum
-        self.maximum = maximum
-        self.interval = _seconds(interval)
-        self.wait_count = wait_count
-        self._below = 0
-        self.log: collections.deque[tuple[float, int]] = collections.deque(maxlen=100)
-
-    def recommendation(self, outstanding: int, slots_per_job: int, current: int) -> int:
-        wanted = math.ceil(outstanding / max(1, slots_per_job))
-        wanted = int(min(self.maximum, max(self.minimum, wanted)))
-        if wanted >= current:
-            self._below = 0
-            return wanted
-        self._below += 1
-        if self._below < self.wait_count:
-            return current
-        self._below = 0
-        return wanted
-
-    def stop(self) -> None:
-        cluster = self._cluster()
-        if cluster is not None and cluster._adaptive is self:
-            cluster._adaptive = None
 
 
 class JobQueueCluster:
@@ -886,102 +654,3 @@ def _monitor_loop(ref: weakref.ref[JobQueueCluster], stop: threading.Event) -> N
         del cluster
         if stop.wait(tick):
             return
-
-
-class PBSCluster(JobQueueCluster):
-    """Workers in PBS jobs (PBS Pro, OpenPBS, Torque): qsub, qstat, qdel.
-
-    On NCI's Gadi, skip the ``select`` line and state resources the Gadi way::
-
-        PBSCluster(cores=48, memory="192GB", walltime="00:20:00",
-                   job_directives_skip=["select"],
-                   job_extra_directives=["-q normal", "-P vp91",
-                                         "-l ncpus=48", "-l mem=192GB"],
-                   local_directory="$TMPDIR", interface="ib0")
-
-    On Torque use ``resource_spec="nodes=1:ppn=N"``.
-    """
-
-    submit_command = "qsub"
-    cancel_command = "qdel"
-    #: qstat's one-letter states (PBS Pro and Torque); C, F, X and absent mean ended.
-    PENDING = frozenset("QHWTM")
-    RUNNING = frozenset("REBSU")
-
-    def job_script(self) -> str:
-        return render_pbs(self.spec)
-
-    def _queue_states(self, jobs: list[Job]) -> dict[str, str]:
-        result = _run(["qstat", *(j.id for j in jobs)])
-        states: dict[str, str] = {}
-        for line in result.stdout.splitlines():
-            words = line.split()
-            m = re.match(r"(\d+)", words[0]) if len(words) >= 3 else None
-            if m:
-                states[m.group(1)] = words[-2]
-        # qstat exits non-zero when some ids are unknown (ended); that is an answer.
-        # With nothing listed, only "unknown job" proves that they are gone: exit 153
-        # (Torque-on-Slurm prints nothing with it) or the text; PBS Pro with job
-        # history (Gadi) says "Job has finished, use -x or -H ...".
-        text = _output(result)
-        gone = result.returncode == 153 or bool(
-            re.search(
-                r"unknown job|invalid job|does not exist|has finished", text, re.I
-            )
-        )
-        if result.returncode != 0 and not states and not gone:
-            raise JobError(f"qstat failed (exit {result.returncode}): {text}")
-        return states
-
-    def _classify(self, raw: str | None) -> JobState | None:
-        if raw in self.PENDING:
-            return JobState.pending
-        if raw in self.RUNNING:
-            return JobState.running
-        return None
-
-
-class SLURMCluster(JobQueueCluster):
-    """Workers in Slurm jobs: sbatch, squeue, scancel."""
-
-    submit_command = "sbatch"
-    cancel_command = "scancel"
-    PENDING = frozenset(
-        {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
-    )
-    RUNNING = frozenset(
-        {"RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "SIGNALING", "RESIZING"}
-    )
-
-    def _spec(self, **kwargs: Any) -> JobSpec:
-        if kwargs.get("resource_spec") is not None:
-            raise ValueError(
-                "resource_spec is PBS syntax; give Slurm options with "
-                "job_extra_directives (e.g. ['--gres=gpu:1'])"
-            )
-        return JobSpec(**kwargs)
-
-    def job_script(self) -> str:
-        return render_slurm(self.spec)
-
-    def _queue_states(self, jobs: list[Job]) -> dict[str, str]:
-        # All of the user's jobs, finished ones included (-t all keeps them for
-        # MinJobAge): one call, and no error for ids that have already gone.
-        user = getpass.getuser()
-        result = _run(["squeue", "-h", "-t", "all", "-o", "%i %T", "-u", user])
-        if result.returncode != 0:
-            text = _output(result)
-            raise JobError(f"squeue failed (exit {result.returncode}): {text}")
-        states: dict[str, str] = {}
-        for line in result.stdout.splitlines():
-            words = line.split()
-            if len(words) == 2 and words[0].isdigit():
-                states[words[0]] = words[1]
-        return states
-
-    def _classify(self, raw: str | None) -> JobState | None:
-        if raw in self.PENDING:
-            return JobState.pending
-        if raw in self.RUNNING:
-            return JobState.running
-        return None

@@ -17,7 +17,7 @@ DoneAndNotDoneFutures = namedtuple("DoneAndNotDoneFutures", ["done", "not_done"]
 
 
 def _futures_in(fs: Any) -> list[Future]:
-    from zdist.client.client import _flatten_futures
+    from zdist.client.results import _flatten_futures
 
     return _flatten_futures(fs)
 

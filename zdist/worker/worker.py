@@ -4,15 +4,12 @@ The I/O loop (the thread that calls :meth:`Worker.run`) owns every socket. It re
 tasks, fetches their inputs from peers, hands ready tasks to ``nthreads`` task threads,
 and sends results back in batches. Task threads never touch a socket: they append to
 ``_done`` and write a byte to a pipe the loop polls. Heartbeats go out from the loop, so
-they continue during a long task.
-
-Large values between two workers of one host skip the (encrypting) socket: they pass
-through files in /dev/shm (zdist.worker.shm), written by a small thread pool.
+they continue during a long task. Serving and fetching values between workers is
+zdist.worker.transfer.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import queue
@@ -21,7 +18,6 @@ import threading
 import time
 import uuid
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,12 +30,13 @@ from zdist.keys import key_group
 from zdist.logs import RateLimitedLog, log_buffer
 from zdist.net import interface_ip, local_ip_towards, split_address
 from zdist.security import Security
-from zdist.wire import NOBLOCK, recv_frames, recv_ready, send_frames
+from zdist.wire import recv_ready, send_frames
 from zdist.worker import context
 from zdist.worker.execute import FunctionCache, Outcome, run_task
 from zdist.worker.memory import SpillBuffer, process_memory
 from zdist.worker.scratch import Janitor, make_local_directory
-from zdist.worker.shm import MIN_SHM_BYTES, SharedMemory, ShmError
+from zdist.worker.shm import SharedMemory
+from zdist.worker.transfer import PeerTransfer
 
 logger = logging.getLogger(__name__)
 
@@ -87,41 +84,7 @@ class _Task:
         self.has_deps = False
 
 
-class _SharedReply:
-    """A reply to a peer's GetData, waiting for its shared-memory files."""
-
-    __slots__ = (
-        "failed",
-        "files",
-        "frames",
-        "ident",
-        "lock",
-        "missing",
-        "request_id",
-        "values",
-        "writing",
-    )
-
-    def __init__(
-        self,
-        ident: Any,
-        request_id: int,
-        values: list[Any],
-        frames: P.FrameList,
-        missing: list[Any],
-    ) -> None:
-        self.ident = ident
-        self.request_id = request_id
-        self.values = values
-        self.frames = frames
-        self.missing = missing
-        self.files: list[Any] = []
-        self.failed: list[tuple[str, list[Any], Exception]] = []
-        self.writing = 0
-        self.lock = threading.Lock()
-
-
-class Worker:
+class Worker(PeerTransfer):
     def __init__(
         self, config: WorkerConfig, ctx: zmq.Context[Any] | None = None
     ) -> None:
@@ -156,18 +119,7 @@ class Worker:
         self.host = ip if ip != "127.0.0.1" else socket.gethostname()
         self._ident = f"w-{uuid.uuid4().hex}".encode()
         self.broker: zmq.Socket[Any] | None = None
-        self._peers: dict[str, zmq.Socket[Any]] = {}
-        self._fetching: dict[
-            int, tuple[str, list[str], float]
-        ] = {}  # req -> peer, keys, t
-        self._new_peers: list[zmq.Socket[Any]] = []
-        # Peers that shared memory failed with get the network from then on.
-        self._shm_refused: set[str] = set()
-        self._shm_pool: ThreadPoolExecutor | None = None  # writes files
-        self.shm_transfers = 0  # values received through shared memory
-        self.shm_fallbacks = 0  # ... that came over the network after all
-        self._fetch_wanted: dict[str, list[str]] = {}  # dep key -> tasks waiting for it
-        self._req = itertools.count(1)
+        self._init_transfer()
         self._functions = FunctionCache()
         self._ready: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._done: deque[Any] = deque()
@@ -643,224 +595,6 @@ class Worker:
             self._send(P.TaskResults(self._results), self._result_frames.frames)
             self._results = []
             self._result_frames = P.FrameList()
-
-    # ==================================================================================
-    # data between workers
-
-    def _pack_values(self, keys: list[Any]) -> tuple[list[Any], list[Any], list[Any]]:
-        frames = P.FrameList()
-        values, missing = [], []
-        for key in keys:
-            if isinstance(key, str) and key in self.data:
-                values.append([key, frames.add(serialize.dumps(self.data[key]))])
-            else:
-                missing.append(key)
-        return values, frames.frames, missing
-
-    def serve_peers(self) -> None:
-        while True:
-            try:
-                frames = recv_frames(self.data_sock, NOBLOCK)
-            except zmq.Again:
-                return
-            ident = frames[0]
-            try:
-                msg, _ = P.decode(frames[1:])
-                if not isinstance(msg, P.GetData):
-                    raise P.ProtocolError(f"{type(msg).__name__} on the data port")
-                if self.shm.accepts(msg.host):
-                    self._serve_shared(ident, msg)
-                else:
-                    values, payload, missing = self._pack_values(msg.keys)
-                    reply = P.DataReply(msg.request_id, values, missing)
-                    send_frames(self.data_sock, [ident, *P.encode(reply, payload)])
-            except Exception as exc:
-                self.dropped += 1
-                self._log.warning(
-                    type(exc).__name__,
-                    "worker %s dropped a peer message: %s",
-                    self.name,
-                    exc,
-                )
-
-    def _serve_shared(self, ident: Any, msg: P.GetData) -> None:
-        """A peer of this host asked: large values go to shared-memory files, written
-        by a few threads in parallel and off this loop, which sends the reply when
-        the last is written (collect_done)."""
-        frames = P.FrameList()
-        values, missing, large = [], [], []
-        for key in msg.keys:
-            if isinstance(key, str) and key in self.data:
-                value = serialize.dumps(self.data[key])
-                if serialize.nbytes(value) >= MIN_SHM_BYTES:
-                    large.append((key, value))
-                else:
-                    values.append([key, frames.add(value)])
-            else:
-                missing.append(key)
-        reply = _SharedReply(ident, msg.request_id, values, frames, missing)
-        if not large:
-            self._reply_peer(reply)
-            return
-        if self._shm_pool is None:
-            self._shm_pool = ThreadPoolExecutor(
-                min(4, os.cpu_count() or 1), thread_name_prefix=f"{self.name}-shm"
-            )
-        reply.writing = len(large)
-        for key, value in large:
-            self._shm_pool.submit(self._write_shared, reply, key, value)
-
-    def _write_shared(self, reply: _SharedReply, key: str, value: list[Any]) -> None:
-        """In a pool thread: one value to a file, or kept for the socket on failure."""
-        try:
-            path, layout = self.shm.write(value)
-        except Exception as exc:  # e.g. /dev/shm full: the network it is
-            reply.failed.append((key, value, exc))
-        else:
-            reply.files.append([key, path, layout])
-        with reply.lock:
-            reply.writing -= 1
-            last = not reply.writing
-        if last:
-            self._done.append(("peer-reply", reply))
-            self._wake()
-
-    def _reply_peer(self, reply: _SharedReply) -> None:
-        for key, value, exc in reply.failed:
-            self._log.warning(
-                "shm-write",
-                "worker %s cannot write %s to shared memory (%s); sending it over "
-                "the network",
-                self.name,
-                key,
-                exc,
-            )
-            reply.values.append([key, reply.frames.add(value)])
-        msg = P.DataReply(
-            reply.request_id, reply.values, reply.missing, reply.files or None
-        )
-        send_frames(self.data_sock, [reply.ident, *P.encode(msg, reply.frames.frames)])
-
-    def _fetch(self, peer: str, keys: list[str], shm: bool = True) -> None:
-        sock = self._peers.get(peer)
-        if sock is None:
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.linger = 0
-            if self.config.security:
-                self.config.security.configure_client(sock)
-            try:
-                sock.connect(peer)
-            except zmq.ZMQError as exc:  # a malformed address from the broker
-                sock.close(linger=0)
-                logger.warning(
-                    "worker %s cannot connect to peer %r: %s", self.name, peer, exc
-                )
-                for key in keys:
-                    self._fetch_wanted.setdefault(key, [])
-                self._fetch_failed(peer, keys)
-                return
-            self._peers[peer] = sock
-            self._new_peers.append(sock)
-        req = next(self._req)
-        self._fetching[req] = (peer, keys, time.monotonic())
-        host = self.shm.token if shm and peer not in self._shm_refused else ""
-        send_frames(sock, P.encode(P.GetData(req, keys, host)))
-
-    def receive_from_peer(self, sock: zmq.Socket[Any]) -> None:
-        while True:
-            try:
-                frames = recv_frames(sock, NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg, payload = P.decode(frames)
-                if not isinstance(msg, P.DataReply):
-                    raise P.ProtocolError(f"{type(msg).__name__} from a peer")
-                self._on_fetched(msg, payload)
-            except Exception as exc:
-                self.dropped += 1
-                self._log.warning(
-                    type(exc).__name__,
-                    "worker %s dropped a peer reply: %s",
-                    self.name,
-                    exc,
-                )
-
-    def _on_fetched(self, msg: P.DataReply, payload: list[Any]) -> None:
-        files = msg.shm or []
-        for entry in files:
-            if type(entry) is not list or len(entry) != 3 or type(entry[0]) is not str:
-                raise P.ProtocolError(f"bad shared-memory entry {entry!r}")
-        peer, _, _ = self._fetching.pop(msg.request_id, ("", [], 0.0))
-        replicas: list[Any] = []
-        for key, ref in msg.values:
-            self._fetched(key, P.ref_frames(payload, ref), replicas)
-        refetch = []
-        for key, path, layout in files:
-            try:
-                frames = self.shm.read(path, layout)
-            except ShmError as exc:
-                self.shm_fallbacks += 1
-                if peer not in self._shm_refused:
-                    self._shm_refused.add(peer)
-                    logger.warning(
-                        "worker %s: no shared memory with %s (%s); fetching over "
-                        "the network from it",
-                        self.name,
-                        peer or "a peer",
-                        exc,
-                    )
-                refetch.append(key)
-                continue
-            self.shm_transfers += 1
-            self._fetched(key, frames, replicas)
-            del frames
-        if replicas:
-            self._results.extend(replicas)
-        self._fetch_failed(peer, msg.missing)
-        if refetch and peer:
-            self._fetch(peer, refetch, shm=False)
-
-    def _fetched(self, key: str, frames: list[Any], replicas: list[Any]) -> None:
-        value = serialize.loads(frames)
-        size = serialize.nbytes(frames)
-        self.data.put(key, value, size)
-        replicas.append([key, "memory", size, type(value).__name__, None, "", -1.0])
-        self._dep_arrived(key)
-
-    def _fetch_failed(self, peer: str, keys: list[Any]) -> None:
-        """Tell the broker these tasks lack an input the peer could not give."""
-        for key in keys:
-            for tkey in self._fetch_wanted.pop(key, []):
-                t = self.tasks.pop(tkey, None)
-                if t is not None:
-                    self._results.append([tkey, "missing", 0, peer, None, key, -1.0])
-
-    def expire_fetches(self) -> None:
-        """A peer that does not answer within the liveness period is presumed dead."""
-        deadline = time.monotonic() - self.heartbeat_interval * self.liveness
-        for req, (peer, keys, sent) in list(self._fetching.items()):
-            if sent < deadline:
-                del self._fetching[req]
-                logger.warning(
-                    "worker %s: peer %s did not answer; giving up on %s",
-                    self.name,
-                    peer,
-                    keys,
-                )
-                self._fetch_failed(peer, keys)
-                sock = self._peers.pop(peer, None)
-                if sock is not None:
-                    sock.close(linger=0)
-
-    def _dep_arrived(self, key: str) -> None:
-        for tkey in self._fetch_wanted.pop(key, []):
-            t = self.tasks.get(tkey)
-            if t is None:
-                continue
-            t.missing.discard(key)
-            if not t.missing:
-                self._ready.put(t)
 
     # ==================================================================================
     # Client.run
