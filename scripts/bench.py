@@ -28,8 +28,9 @@ Workloads (sizes for the full run; --quick divides them by ~10):
                  broker's CPU, then 100,000 tasks across them   % of a core, tasks/s
   W10 dask.array (x + x.T).mean() of a 10,000 x 10,000 random array in
                  1,000 x 1,000 chunks, via client.compute            s
-Security rows run W1 and W2 on a zdist cluster with security=False; every other
-zdist row runs with security on (its default). With W1, the W1 floor row times
+Security rows run W1 and W2 on fresh zdist clusters, one with security on and one
+off per repetition, in alternating order; every other zdist row runs with security
+on (its default). With W1, the W1 floor row times
 2,000 round trips over the same four hops in bare pyzmq (bench_floor.py).
 
 Beside it: bench_floor.py (W1's floor), bench_tasks.py (the task functions workers
@@ -560,12 +561,10 @@ class Runner:
         one_rep: Callable[[], Result | tuple[Result, dict[str, Any]]],
         reps: int | None = None,
         warmup: bool = True,
-        rename: dict[str, str] | None = None,
     ) -> None:
         """1 warm-up + reps timed repetitions; the rows are recorded only if every
         repetition ran and checked its result."""
         reps = self.reps if reps is None else reps
-        rename = rename or {}
         collected: dict[str, Measurement] = {}
         try:
             for rep in range(int(warmup) + reps):
@@ -574,7 +573,6 @@ class Runner:
                 if warmup and rep == 0:
                     continue
                 for row, value in values.items():
-                    row = rename.get(row, row)
                     m = collected.setdefault(row, Measurement(row))
                     m.values.append(float(value))
                     for k, v in extra.items():
@@ -603,41 +601,37 @@ class Runner:
         if name == "ppe":
             in_cluster = [w for w in in_cluster if w in ("W1", "W2", "W4")]
         if in_cluster:
-            self._run_in_cluster_logged(backend, in_cluster, security=True)
+            self._run_in_cluster_logged(backend, in_cluster)
         if "W6" in only and name != "ppe":
             self.repeat(name, "W6", lambda: w6_startup(backend))
         if security_rows and backend.has_security:
-            secoff = [w for w in ("W1", "W2") if w in only]
-            if secoff:
-                self._run_in_cluster_logged(backend, secoff, security=False)
+            paired = [w for w in ("W1", "W2") if w in only]
+            if paired:
+                self.repeat(
+                    name,
+                    "security on/off",
+                    partial(self._security_pair, backend, paired),
+                    warmup=False,
+                )
 
-    def _run_in_cluster_logged(
-        self, backend: Backend, workloads: list[str], security: bool
-    ) -> None:
+    def _run_in_cluster_logged(self, backend: Backend, workloads: list[str]) -> None:
         # A cluster that fails to close is an error of the run, but the numbers
         # measured before it still get written.
         try:
-            self._run_in_cluster(backend, workloads, security)
+            self._run_in_cluster(backend, workloads)
         except Exception as exc:
             traceback.print_exc()
-            what = "cluster" if security else "cluster (security off)"
-            self.errors[backend.name][f"{what} close"] = f"{type(exc).__name__}: {exc}"
+            self.errors[backend.name]["cluster close"] = f"{type(exc).__name__}: {exc}"
 
-    def _run_in_cluster(
-        self, backend: Backend, workloads: list[str], security: bool
-    ) -> None:
+    def _run_in_cluster(self, backend: Backend, workloads: list[str]) -> None:
         s = self.sizes
         name = backend.name
-        label = "cluster" if security else "cluster (security off)"
-        rename = {} if security else {"W1": "W1-secoff", "W2": "W2-secoff"}
         with contextlib.ExitStack() as stack:
             try:
-                client, cluster = stack.enter_context(
-                    backend.cluster(security=security)
-                )
+                client, cluster = stack.enter_context(backend.cluster())
             except Exception as exc:
                 traceback.print_exc()
-                why = f"{label} did not start: {type(exc).__name__}: {exc}"
+                why = f"cluster did not start: {type(exc).__name__}: {exc}"
                 for w in workloads:
                     self.errors[name][w] = why
                 print(f"[{name}] {why}")
@@ -672,7 +666,30 @@ class Runner:
                     # One repetition, no warm-up: the issue asks for a single run.
                     self.repeat(name, w, one_rep[w], reps=1, warmup=False)
                 else:
-                    self.repeat(name, w, one_rep[w], rename=rename)
+                    self.repeat(name, w, one_rep[w])
+
+    def _security_pair(
+        self, backend: Backend, workloads: list[str]
+    ) -> tuple[Result, dict[str, Any]]:
+        """One repetition of the security rows: the workloads on a fresh cluster with
+        security on and on one with it off, in alternating order. W1 differs by up to
+        +-20% from one cluster to the next on this VM (where its processes land),
+        more than security costs: comparing one cluster of each swung the W1 cost
+        between -19% and +29% from run to run."""
+        self._pairs = getattr(self, "_pairs", 0) + 1
+        order = (True, False) if self._pairs % 2 else (False, True)
+        out: Result = {}
+        for security in order:
+            with backend.cluster(security=security) as (client, _):
+                self._warm(client)
+                suffix = "secon" if security else "secoff"
+                if "W1" in workloads:
+                    out[f"W1-{suffix}"] = w1_latency(client, self.sizes.w1_trips)["W1"]
+                if "W2" in workloads:
+                    out[f"W2-{suffix}"] = w2_throughput(client, self.sizes.w2_items)[
+                        "W2"
+                    ]
+        return out, {"order": ["on" if s else "off" for s in order]}
 
     @staticmethod
     def _warm(client: Any) -> None:
@@ -683,19 +700,20 @@ class Runner:
         check(client.gather(client.map(tasks.identity, items)), items, "warm-up")
 
     def derive_security_cost(self) -> None:
-        """Security cost in percent from the medians: >0 means security on is slower."""
+        """Security cost in percent from the medians of the paired fresh clusters
+        (see _security_pair): >0 means security on is slower."""
         z = self.results.get("zdist", {})
-        if "W1" in z and "W1-secoff" in z:
+        if "W1-secon" in z and "W1-secoff" in z:
             m = Measurement(
-                "SEC-W1", [(z["W1"].median / z["W1-secoff"].median - 1) * 100]
+                "SEC-W1", [(z["W1-secon"].median / z["W1-secoff"].median - 1) * 100]
             )
-            m.checked, m.extra = True, {"derived_from": ["W1", "W1-secoff"]}
+            m.checked, m.extra = True, {"derived_from": ["W1-secon", "W1-secoff"]}
             z["SEC-W1"] = m
-        if "W2" in z and "W2-secoff" in z:
+        if "W2-secon" in z and "W2-secoff" in z:
             m = Measurement(
-                "SEC-W2", [(z["W2-secoff"].median / z["W2"].median - 1) * 100]
+                "SEC-W2", [(z["W2-secoff"].median / z["W2-secon"].median - 1) * 100]
             )
-            m.checked, m.extra = True, {"derived_from": ["W2", "W2-secoff"]}
+            m.checked, m.extra = True, {"derived_from": ["W2-secon", "W2-secoff"]}
             z["SEC-W2"] = m
 
 
@@ -726,7 +744,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--no-security-rows",
         action="store_true",
-        help="skip zdist's security=False runs of W1 and W2",
+        help="skip the security cost rows (W1 and W2 on fresh clusters, on and off)",
     )
     args = ap.parse_args(argv)
     args.tiny = args.tiny or os.environ.get("ZDIST_BENCH_TINY") == "1"
