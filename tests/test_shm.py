@@ -24,7 +24,7 @@ import pytest
 import tasks
 from utils import wait_for
 
-from zdist import Client, LocalCluster, get_worker, serialize
+from zdist import Client, LocalCluster, get_worker, serialize, wait
 from zdist.worker.memory import SpillBuffer
 from zdist.worker.scratch import Janitor, make_local_directory
 from zdist.worker.shm import ENV, MIN_SHM_BYTES, SharedMemory, ShmError
@@ -67,6 +67,21 @@ def describe_array(x: np.ndarray, *_: Any) -> dict[str, Any]:
         "mapped": isinstance(base, mmap.mmap),
         "worker": get_worker().name,
     }
+
+
+def held_here(key: str) -> dict[str, Any]:
+    """describe_array of the value this worker holds for ``key``."""
+    return describe_array(get_worker().data[key])
+
+
+def wait_for_path(path: str) -> str:
+    """A task that holds its worker's thread until ``path`` exists (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.01)
+    return path
 
 
 def sha(x: Any) -> str:
@@ -157,6 +172,40 @@ def test_large_numpy_array_moves_through_shared_memory(shm_client: Client) -> No
         c.submit(tasks.identity, x, workers=[b], pure=False).result(60),
         make_array(n, 3.0),
     )
+
+
+def test_server_holds_an_array_it_served_through_the_shared_pages(
+    shm_client: Client, tmp_path: Path
+) -> None:
+    # After the transfer both workers read the same pages: the server dropped its
+    # own copy for a mapping of the file it wrote (a transfer does not double the
+    # array's memory), and its value is still whole and still writable.
+    require_shm()
+    c = shm_client
+    a, b = names(c)
+    n = 2 * MB
+    x = c.submit(make_array, n, 5.0, workers=[a], pure=False)
+    wait([x], timeout=60)
+    (before,) = c.run(held_here, x.key, workers=[a]).values()
+    assert not before["mapped"]  # made on a: an ordinary array
+    adopted = by_name(c)[a]["metrics"]["shm_adopted"]
+    # A task of a's still waits for x (behind a gate), so a keeps its copy after b
+    # has fetched one (else the broker frees it: one copy serves everyone).
+    gate = tmp_path / "open"
+    closed = c.submit(wait_for_path, str(gate), workers=[a], pure=False)
+    later = c.submit(describe_array, x, closed, workers=[a], pure=False)
+    got = c.submit(describe_array, x, workers=[b], pure=False).result(60)
+    assert got["mapped"] and got["worker"] == b
+    # The reply goes out before the server swaps its copy: wait for the swap.
+    wait_for(
+        lambda: by_name(c)[a]["metrics"]["shm_adopted"] == adopted + 1,
+        what="the server to hold the value through the file",
+    )
+    (after,) = c.run(held_here, x.key, workers=[a]).values()
+    assert after["mapped"] and after["writeable"]
+    assert after["sha"] == before["sha"] == got["sha"]
+    gate.touch()
+    assert later.result(60) == {**after, "worker": a}
 
 
 def test_large_bytes_move_through_shared_memory(shm_client: Client) -> None:

@@ -82,6 +82,15 @@ class SpillBuffer(MutableMapping[str, Any]):
         if self.target is not None and self.fast_bytes > self.target:
             self.evict(self.target)
 
+    def swap(self, key: str, old: Any, new: Any) -> bool:
+        """Hold ``new`` for ``key`` in place of ``old`` (same size, same place in
+        the spill order), only if ``old`` is still what is held in memory."""
+        with self._lock:
+            if self.fast.get(key) is not old:
+                return False
+            self.fast[key] = new
+            return True
+
     def __delitem__(self, key: str) -> None:
         with self._lock:
             if key not in self.fast and key not in self.slow:

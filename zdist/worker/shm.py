@@ -145,6 +145,20 @@ class SharedMemory:
             self.written += 1
         return path, layout
 
+    def map_written(self, path: str, layout: list[list[int]]) -> list[memoryview]:
+        """Map a file this worker just wrote (before its receiver unlinks it), pages
+        untouched: one memoryview per frame, copy-on-write like :meth:`read`'s."""
+        end = max(start + size for start, size in layout)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            mapping = mmap.mmap(
+                fd, end, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        finally:
+            os.close(fd)
+        view = memoryview(mapping)
+        return [view[start : start + size] for start, size in layout]
+
     def prepare(self) -> str | None:
         """Make the private directory now (so the worker's janitor knows it);
         None where shared memory is off or the directory cannot be made."""

@@ -3,7 +3,10 @@ a task's inputs from the peers that hold them. A mixin of
 :class:`~zdist.worker.worker.Worker`, run by its I/O loop like the rest of it.
 
 Large values between two workers of one host skip the (encrypting) socket: they pass
-through files in /dev/shm (zdist.worker.shm), written by a small thread pool.
+through files in /dev/shm (zdist.worker.shm), written by a small thread pool. A value
+that is mostly out-of-band buffers (a numpy array) is then held by the serving worker
+through a mapping of the file it wrote, and its own copy is dropped: both workers
+read the same pages, so a transfer does not double the value's memory.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class _SharedReply:
     """A reply to a peer's GetData, waiting for its shared-memory files."""
 
     __slots__ = (
+        "adopt",
         "failed",
         "files",
         "frames",
@@ -65,6 +69,8 @@ class _SharedReply:
         self.frames = frames
         self.missing = missing
         self.files: list[Any] = []
+        #: (key, the object served, views of the file it was written to)
+        self.adopt: list[tuple[str, Any, list[memoryview]]] = []
         self.failed: list[tuple[str, list[Any], Exception]] = []
         self.writing = 0
         self.lock = threading.Lock()
@@ -103,6 +109,7 @@ class PeerTransfer:
         self._shm_pool: ThreadPoolExecutor | None = None  # writes files
         self.shm_transfers = 0  # values received through shared memory
         self.shm_fallbacks = 0  # ... that came over the network after all
+        self.shm_adopted = 0  # values served and now held through the file's pages
         self._fetch_wanted: dict[str, list[str]] = {}  # dep key -> tasks waiting for it
         self._req = itertools.count(1)
 
@@ -153,9 +160,10 @@ class PeerTransfer:
         values, missing, large = [], [], []
         for key in msg.keys:
             if isinstance(key, str) and key in self.data:
-                value = serialize.dumps(self.data[key])
+                obj = self.data[key]
+                value = serialize.dumps(obj)
                 if serialize.nbytes(value) >= MIN_SHM_BYTES:
-                    large.append((key, value))
+                    large.append((key, obj, value))
                 else:
                     values.append([key, frames.add(value)])
             else:
@@ -169,16 +177,25 @@ class PeerTransfer:
                 min(4, os.cpu_count() or 1), thread_name_prefix=f"{self.name}-shm"
             )
         reply.writing = len(large)
-        for key, value in large:
-            self._shm_pool.submit(self._write_shared, reply, key, value)
+        for key, obj, value in large:
+            self._shm_pool.submit(self._write_shared, reply, key, obj, value)
 
-    def _write_shared(self, reply: _SharedReply, key: str, value: list[Any]) -> None:
-        """In a pool thread: one value to a file, or kept for the socket on failure."""
+    def _write_shared(
+        self, reply: _SharedReply, key: str, obj: Any, value: list[Any]
+    ) -> None:
+        """In a pool thread: one value to a file, or kept for the socket on failure.
+        A value that is mostly buffers is mapped back from the file here, before the
+        receiver can unlink it, for this worker to hold instead of its own copy."""
         try:
             path, layout = self.shm.write(value)
         except Exception as exc:  # e.g. /dev/shm full: the network it is
             reply.failed.append((key, value, exc))
         else:
+            if _mostly_buffers(value):
+                try:
+                    reply.adopt.append((key, obj, self.shm.map_written(path, layout)))
+                except (OSError, ValueError) as exc:  # keep the copy in memory
+                    logger.debug("cannot map %s back: %s", path, exc)
             reply.files.append([key, path, layout])
         with reply.lock:
             reply.writing -= 1
@@ -202,6 +219,16 @@ class PeerTransfer:
             reply.request_id, reply.values, reply.missing, reply.files or None
         )
         send_frames(self.data_sock, [reply.ident, *P.encode(msg, reply.frames.frames)])
+        for key, obj, views in reply.adopt:
+            try:
+                mapped = serialize.loads(views)
+            except Exception as exc:  # our own frames: not expected, never fatal
+                logger.debug("cannot rebuild %s from its file: %s", key, exc)
+                continue
+            # Only if the value is still the one written (not freed or replaced).
+            if self.data.swap(key, obj, mapped):
+                self.shm_adopted += 1
+        reply.adopt.clear()
 
     # ==================================================================================
     # fetching from peers
@@ -326,3 +353,10 @@ class PeerTransfer:
             t.missing.discard(key)
             if not t.missing:
                 self._ready.put(t)
+
+
+def _mostly_buffers(frames: list[Any]) -> bool:
+    """Is a value's pickle mostly out-of-band buffers (rebuilt from a mapping without
+    copying them), rather than in-band bytes a rebuild would copy?"""
+    total = serialize.nbytes(frames)
+    return len(frames) > 1 and total - serialize.nbytes(frames[:1]) >= 0.9 * total

@@ -333,6 +333,7 @@ class Worker(PeerTransfer):
             "shm_transfers": self.shm_transfers,
             "shm_served": self.shm.written,
             "shm_fallbacks": self.shm_fallbacks,
+            "shm_adopted": self.shm_adopted,
             "time": time.time(),
         }
 
