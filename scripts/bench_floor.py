@@ -1,8 +1,10 @@
 """W1's floor: the same four ZeroMQ hops as a zdist round trip, with no work at all.
 
 A client DEALER sends 100 bytes to a broker ROUTER, which passes them to a worker
-DEALER, which sends them back through the broker to the client: three processes that
-block in a poll between messages (as zdist's do), CurveZMQ on, TCP on 127.0.0.1.
+DEALER, which sends them back through the broker to the client: three processes,
+CurveZMQ on, TCP on 127.0.0.1. Broker and worker block in a poll between messages as
+zdist's do; the client blocks in recv on its own socket (zdist's client also pays a
+hand-off from its I/O thread to the waiting thread).
 Whatever zdist adds to W1 is above this line; a target below it cannot be met by any
 client -> broker -> worker design on these sockets, however little Python it runs.
 

@@ -222,8 +222,7 @@ def markdown(
         "one cluster's W1 differs from the next's by up to 20% here. "
         "The W1 floor row is scripts/bench_floor.py: client -> broker -> worker -> "
         "broker -> client over bare pyzmq with CurveZMQ and no work, in three "
-        "processes that block in poll as zdist's do; nothing built this way can "
-        "beat it. "
+        "processes; nothing built this way can beat it. "
         "ppe's W4 is sequential submit().result() round trips: a ProcessPoolExecutor "
         "cannot take a future as an argument.",
     ]

@@ -686,6 +686,20 @@ def test_submit_releases_its_release_keys_first(sim: Sim) -> None:
     assert sim.st.clients[C1].wants == {"x"}
 
 
+def test_an_oversized_submit_still_releases_what_it_carries(sim: Sim) -> None:
+    # The server drops a Submit over --max-message-size and tells the client; the
+    # releases riding in it are small and valid on their own, so they still apply.
+    sim.submit(C1, T("x"))
+    sim.flush()
+    sim.finish(W1, "x", large=True)
+    sim.flush()
+    sim.st.refuse(C1, P.Submit([], ["y"], ["x"]), "message too large")
+    out = sim.flush()
+    assert freed(out, W1) == ["x"]
+    assert "x" not in sim.st.tasks
+    assert [(k, s) for k, s, _, _ in updates(out)[C1]] == [("y", "error")]
+
+
 def test_keys_freed_on_a_worker_without_new_tasks_go_in_free_keys() -> None:
     s = Sim()
     s.worker(W1)

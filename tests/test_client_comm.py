@@ -22,10 +22,14 @@ class Releases:
 
     def __init__(self) -> None:
         self.pending: list[str] = []
+        self.wanted_again: set[str] = set()  # futures made again after the take
 
     def take(self) -> list[str]:
         keys, self.pending = self.pending, []
         return keys
+
+    def unwanted(self, keys: list[str]) -> list[str]:
+        return [k for k in keys if k not in self.wanted_again]
 
 
 @pytest.fixture
@@ -36,7 +40,13 @@ def wire() -> Iterator[tuple[Connection, zmq.Socket[Any], Releases]]:
     address = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
     releases = Releases()
     conn = Connection(
-        address, None, lambda m, p: None, lambda why: None, 30.0, releases.take
+        address,
+        None,
+        lambda m, p: None,
+        lambda why: None,
+        30.0,
+        releases.take,
+        releases.unwanted,
     )
 
     def welcome() -> None:
@@ -96,3 +106,22 @@ def test_releases_still_go_when_the_submit_cannot_be_encoded(wire: Any) -> None:
     with pytest.raises(TypeError):
         conn.send(_submit(GPU=object()))  # type: ignore[arg-type]
     assert _received(router) == [P.ReleaseKeys(["a"])]
+
+
+def test_a_key_wanted_again_after_its_release_was_taken_is_not_released(
+    wire: Any,
+) -> None:
+    # Taken for release, then a new future for the same key (another thread): the
+    # check under the send lock keeps it, inside a Submit and on its own alike.
+    conn, router, releases = wire
+    releases.pending = ["a", "b"]
+    releases.wanted_again = {"a"}
+    conn.send(_submit())
+    (msg,) = _received(router)
+    assert isinstance(msg, P.Submit) and msg.release == ["b"]
+    releases.pending = ["a"]
+    conn.send(_submit())
+    (msg,) = _received(router)
+    assert isinstance(msg, P.Submit) and msg.release is None
+    conn.send_releases(["a", "c"])
+    assert _received(router) == [P.ReleaseKeys(["c"])]

@@ -164,8 +164,9 @@ def anonymous(rng: random.Random) -> tuple[bool, list[bytes]]:
     if kind == 5:  # header of the wrong shape
         n = len(cls._fields)
         shape = rng.choice([{}, 5, "x", None, [junk(rng)] * (n + 1 + rng.randrange(3))])
-        if n > 0 and rng.random() < 0.5:
-            shape = valid_shape(rng, cls)[: n - 1]
+        if cls._required > 0 and rng.random() < 0.5:
+            # A required field missing (trailing fields with defaults may go).
+            shape = valid_shape(rng, cls)[: cls._required - 1]
         return True, [P.VERSION, op, header(cls, shape)]
     if kind == 6 and cls._types:  # right shape, a field of the wrong type
         values = valid_shape(rng, cls)

@@ -159,6 +159,16 @@ def test_trailing_fields_with_defaults_may_be_left_off_by_an_older_sender() -> N
         P.decode([P.VERSION, bytes((P.Op.SUBMIT,)), header([[], [], "k"])])
 
 
+def test_trailing_fields_at_their_defaults_are_left_off_for_an_older_reader() -> None:
+    assert msgpack.unpackb(P.encode(P.Submit([], ["k"]))[2]) == [[], ["k"]]
+    assert msgpack.unpackb(P.encode(P.RunTasks([]))[2]) == [[]]
+    assert msgpack.unpackb(P.encode(P.GetData(1, ["k"]))[2]) == [1, ["k"]]
+    with_release = P.Submit([], ["k"], ["old"])
+    assert msgpack.unpackb(P.encode(with_release)[2]) == [[], ["k"], ["old"]]
+    assert P.decode(P.encode(with_release))[0] == with_release
+    assert P.decode(P.encode(P.RunTasks([], ["x"])))[0] == P.RunTasks([], ["x"])
+
+
 # --------------------------------------------------------------------------------------
 # decode rejects
 

@@ -95,3 +95,17 @@ def test_keys_freed_inside_run_tasks_go_before_the_tasks_run(
     assert reply.request_id == 7
     assert [v[0] for v in reply.values] == [key]
     assert reply.missing == []
+
+
+def test_keys_freed_inside_run_tasks_are_dropped(
+    broker_and_worker: tuple[ScriptedBroker, Worker],
+) -> None:
+    broker, _ = broker_and_worker
+    _run(broker, "make_bytes-00000000000000aa", None)
+    _run(broker, "make_bytes-00000000000000bb", ["make_bytes-00000000000000aa"])
+    broker.send(
+        P.SendData(8, ["make_bytes-00000000000000aa", "make_bytes-00000000000000bb"])
+    )
+    reply, _ = broker.expect(P.DataReply)
+    assert [v[0] for v in reply.values] == ["make_bytes-00000000000000bb"]
+    assert reply.missing == ["make_bytes-00000000000000aa"]

@@ -116,6 +116,7 @@ class Message:
     _types: ClassVar[tuple[type | tuple[type, ...], ...]]
     _fields: ClassVar[tuple[str, ...]]
     _required: ClassVar[int]
+    _defaults: ClassVar[tuple[Any, ...]]
 
 
 _M = TypeVar("_M", bound=Message)
@@ -138,6 +139,7 @@ def message(op: Op) -> Callable[[type[_M]], type[_M]]:
             and f.default_factory is dataclasses.MISSING
             for f in fields
         )
+        cls._defaults = tuple(f.default for f in fields[cls._required :])
         if op in _REGISTRY:
             raise RuntimeError(f"op {op!r} declared twice")
         _REGISTRY[op] = cls
@@ -465,8 +467,18 @@ def _packb(obj: Any) -> bytes:
 
 def encode(msg: Message, payload: Sequence[Any] = ()) -> list[Any]:
     """Frames for ``msg``: version, op, header, then ``payload`` unchanged."""
-    header = _packb([getattr(msg, name) for name in msg._fields])
-    return [VERSION, bytes((msg.op,)), header, *payload]
+    values = [getattr(msg, name) for name in msg._fields]
+    required = msg._required
+    if len(values) > required:
+        # Trailing fields at their defaults are left off: a peer from before they
+        # were declared reads the message as it always did.
+        defaults = msg._defaults
+        while (
+            len(values) > required
+            and values[-1] == defaults[len(values) - required - 1]
+        ):
+            values.pop()
+    return [VERSION, bytes((msg.op,)), _packb(values), *payload]
 
 
 def decode(frames: Sequence[Any]) -> tuple[Message, list[Any]]:

@@ -85,6 +85,8 @@ class ClientSide(_Base):
         if ident not in self.clients:
             return
         if isinstance(msg, P.Submit):
+            if msg.release:  # small, and valid on its own: the keys still go
+                self._on_release_keys(ident, P.ReleaseKeys(msg.release), [])
             err = [pickle.dumps(ValueError(text))]
             for key in dict.fromkeys(msg.wants):
                 if isinstance(key, str):

@@ -108,6 +108,7 @@ class Client:
             self._on_lost,
             timeout,
             self._take_releases,
+            self._unwanted,
         )
         welcome = self._conn.start(P.RegisterClient(self.name, versions()))
         self.scheduler_address = welcome.address or address
@@ -174,6 +175,13 @@ class Client:
         # map is one message, not 20,000, and dropping one wakes no thread.
         if many and self.status == "running":
             self._conn.wake()
+
+    def _unwanted(self, keys: list[str]) -> list[str]:
+        """Those of ``keys`` this client holds no future of (now). Reads without the
+        lock: the connection asks while holding its send lock, and a thread holding
+        this client's lock may be waiting for that one (map's chunks)."""
+        refcount = self._refcount
+        return [k for k in keys if k not in refcount]
 
     def _take_releases(self) -> list[str]:
         with self._lock:

@@ -53,6 +53,7 @@ class Connection:
         on_lost: Callable[[str], None],
         timeout: float,
         take_releases: Callable[[], list[str]] = list,
+        unwanted: Callable[[list[str]], list[str]] = list,
     ) -> None:
         self.address = address
         self.security = security
@@ -60,6 +61,7 @@ class Connection:
         self._on_message = on_message
         self._on_lost = on_lost
         self._take_releases = take_releases
+        self._unwanted = unwanted
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
@@ -118,26 +120,46 @@ class Connection:
         if self.closed:
             raise CommClosedError("this client is closed")
         released = self._take_releases()
+        carried: list[str] = []
+        submit = msg if type(msg) is P.Submit and msg.release is None else None
         try:
-            if released and type(msg) is P.Submit and msg.release is None:
+            if released and submit is not None:
                 # One message, not two, on the path of every submit(...).result().
-                frames = P.encode(P.Submit(msg.tasks, msg.wants, released), payload)
-                released = []
+                carrying = P.Submit(submit.tasks, submit.wants, released)
+                frames = P.encode(carrying, payload)
+                carried, released = released, []
             else:
                 frames = P.encode(msg, payload)
         except BaseException:
             if released:  # the message cannot go; the releases still must
-                with self._send_lock:
-                    if not self.out.closed:
-                        send_frames(self.out, P.encode(P.ReleaseKeys(released)))
+                self.send_releases(released)
             raise
         with self._send_lock:
             if self.out.closed:
                 raise CommClosedError("this client is closed")
-            if released:
-                send_frames(self.out, P.encode(P.ReleaseKeys(released)))
+            if carried and submit is not None:
+                kept = self._unwanted(carried)
+                if len(kept) != len(carried):  # wanted again since taken (rare)
+                    again = P.Submit(submit.tasks, submit.wants, kept or None)
+                    frames[2] = P.encode(again)[2]
+            self._send_releases_locked(released)
             send_frames(self.out, frames)
             self._last_sent = time.monotonic()
+
+    def send_releases(self, keys: list[str]) -> None:
+        """Send these released keys now (the I/O thread's turn, a failed send)."""
+        with self._send_lock:
+            if not self.out.closed:
+                self._send_releases_locked(keys)
+                self._last_sent = time.monotonic()
+
+    def _send_releases_locked(self, keys: list[str]) -> None:
+        # Checked under the send lock: a key some thread wanted again after it was
+        # taken is not released, and a message that wants it again, sent by another
+        # thread, cannot overtake this release (it waits for the lock).
+        keys = self._unwanted(keys) if keys else keys
+        if keys:
+            send_frames(self.out, P.encode(P.ReleaseKeys(keys)))
 
     def wake(self) -> None:
         """Have the I/O thread run a loop turn (and send pending releases)."""
@@ -209,7 +231,7 @@ class Connection:
                         pass
                 released = self._take_releases()
                 if released and not self._stop.is_set():
-                    self.send(P.ReleaseKeys(released))
+                    self.send_releases(released)
                 if self._stop.is_set():
                     return
                 if self.sock in events:
