@@ -138,17 +138,19 @@ def anonymous(rng: random.Random) -> tuple[bool, list[bytes]]:
         return True, [
             rng.randbytes(rng.randrange(0, 200)) for _ in range(rng.randrange(1, 6))
         ]
-    if kind == 1:  # truncated: fewer than three frames
-        frames = [P.VERSION, op, header(cls, valid_shape(rng, cls))]
-        return True, frames[: rng.randrange(1, 3)] if rng.random() < 0.9 else [b""]
+    if kind == 1:  # truncated: a head cut before its header, or nothing
+        head = P.VERSION + op + header(cls, valid_shape(rng, cls))
+        return True, [head[: rng.randrange(0, P.HEAD + 1)]]
     if kind == 2:  # wrong protocol version
-        v = rng.choice([b"", b"ZD0", b"ZD2", b"zd1", b"ZD1\x00", rng.randbytes(3)])
-        return True, [v, op, header(cls, valid_shape(rng, cls)), *payload(rng)]
-    if kind == 3:  # unknown op, or an op frame that is not one byte
-        bad = rng.choice(
-            [bytes([rng.choice(UNKNOWN_OPS)]), b"", op + op, b"\x01\x02\x03"]
-        )
-        return True, [P.VERSION, bad, header(cls, valid_shape(rng, cls))]
+        v = rng.choice([b"", b"ZD0", b"ZD1", b"zd2", b"Z", rng.randbytes(3)])
+        if v == P.VERSION:
+            v = b"ZD0"
+        return True, [v + op + header(cls, valid_shape(rng, cls)), *payload(rng)]
+    if kind == 3:  # unknown op, or none at all
+        bad = rng.choice([bytes([rng.choice(UNKNOWN_OPS)]), b""])
+        return True, [
+            P.VERSION + bad + (header(cls, valid_shape(rng, cls)) if bad else b"")
+        ]
     if kind == 4:  # header that is not msgpack (or not all of it)
         good = header(cls, valid_shape(rng, cls))
         body = rng.choice(
@@ -159,39 +161,35 @@ def anonymous(rng: random.Random) -> tuple[bool, list[bytes]]:
         try:
             msgpack.unpackb(body)
         except Exception:
-            return True, [P.VERSION, op, body]
-        return True, [P.VERSION, op, b"\xc1"]  # 0xc1 is never valid msgpack
+            return True, [P.VERSION + op + body]
+        return True, [P.VERSION + op + b"\xc1"]  # 0xc1 is never valid msgpack
     if kind == 5:  # header of the wrong shape
         n = len(cls._fields)
         shape = rng.choice([{}, 5, "x", None, [junk(rng)] * (n + 1 + rng.randrange(3))])
         if cls._required > 0 and rng.random() < 0.5:
             # A required field missing (trailing fields with defaults may go).
             shape = valid_shape(rng, cls)[: cls._required - 1]
-        return True, [P.VERSION, op, header(cls, shape)]
+        return True, [P.VERSION + op + header(cls, shape)]
     if kind == 6 and cls._types:  # right shape, a field of the wrong type
         values = valid_shape(rng, cls)
         i = rng.randrange(len(values))
         values[i] = wrong(rng, cls._types[i])
-        return True, [P.VERSION, op, header(cls, values), *payload(rng)]
+        return True, [P.VERSION + op + header(cls, values), *payload(rng)]
     if kind == 7:  # huge frame count, within reason, with a broken header
-        return True, [P.VERSION, op, b"\xc1", *([b""] * rng.randrange(1000, 20000))]
+        return True, [P.VERSION + op + b"\xc1", *([b""] * rng.randrange(1000, 20000))]
     if kind == 8:  # deeply nested header, one element too many at the top
         n = len(cls._fields) + 1
         nested = deep(rng.choice([500, 1000, 1021, 1022, 1023, 1024, 5000]))
         return True, [
-            P.VERSION,
-            op,
-            b"\xdc" + n.to_bytes(2, "big") + nested + b"\xc0" * (n - 1),
+            P.VERSION + op + b"\xdc" + n.to_bytes(2, "big") + nested + b"\xc0" * (n - 1)
         ]
     if kind == 9:  # a header that decodes into wrong types everywhere
         return True, [
-            P.VERSION,
-            op,
-            header(cls, [junk(rng) for _ in cls._fields] + [0]),
+            P.VERSION + op + header(cls, [junk(rng) for _ in cls._fields] + [0])
         ]
     # extra payload frames on a well-formed message: accepted or rejected by the
     # handler, never fatal (an unregistered peer gets "unregistered")
-    return False, [P.VERSION, op, header(cls, valid_shape(rng, cls)), *payload(rng)]
+    return False, [P.VERSION + op + header(cls, valid_shape(rng, cls)), *payload(rng)]
 
 
 def bad_task_entry(rng: random.Random, n_frames: int) -> list[Any]:

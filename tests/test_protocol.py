@@ -64,7 +64,7 @@ def header(values: list[Any]) -> bytes:
 
 
 def frames_for(cls: type[P.Message], values: list[Any]) -> list[bytes]:
-    return [P.VERSION, bytes((cls.op,)), header(values)]
+    return [P.VERSION + bytes((cls.op,)) + header(values)]
 
 
 # --------------------------------------------------------------------------------------
@@ -87,10 +87,9 @@ def test_round_trip(op: int, cls: type[P.Message]) -> None:
     msg = sample(cls)
     payload = [b"frame-0", b"", bytearray(b"frame-2")]
     frames = P.encode(msg, payload)
-    assert frames[0] == P.VERSION
-    assert frames[1] == bytes((op,))
-    assert frames[3:] == payload
-    assert frames[3] is payload[0]  # payload frames pass through, never copied
+    assert frames[0][: P.HEAD] == P.VERSION + bytes((op,))
+    assert frames[1:] == payload
+    assert frames[1] is payload[0]  # payload frames pass through, never copied
     back, back_payload = P.decode(frames)
     assert type(back) is cls
     assert back == msg
@@ -117,10 +116,10 @@ def test_decode_accepts_zmq_style_frames_and_buffers() -> None:
 
     msg = P.Submit([["k", None, [0, 1], [], 0, 0, None, None, False]], ["k"])
     frames = P.encode(msg, [b"value"])
-    wrapped = [Frame(frames[0]), memoryview(frames[1]), bytearray(frames[2]), frames[3]]
-    back, payload = P.decode(wrapped)
-    assert back == msg
-    assert payload == [b"value"]
+    for head in (Frame(frames[0]), memoryview(frames[0]), bytearray(frames[0])):
+        back, payload = P.decode([head, frames[1]])
+        assert back == msg
+        assert payload == [b"value"]
 
 
 def test_int_field_survives_as_int_and_float_field_takes_int() -> None:
@@ -138,33 +137,33 @@ def test_message_is_frozen() -> None:
 
 def test_header_order_is_declaration_order() -> None:
     frames = P.encode(P.Gather(7, ["x", "y"]))
-    assert msgpack.unpackb(frames[2]) == [7, ["x", "y"]]
+    assert msgpack.unpackb(frames[0][P.HEAD :]) == [7, ["x", "y"]]
     frames = P.encode(P.Cancel(["k"], True))
-    assert msgpack.unpackb(frames[2]) == [["k"], True]
+    assert msgpack.unpackb(frames[0][P.HEAD :]) == [["k"], True]
 
 
 def test_trailing_fields_with_defaults_may_be_left_off_by_an_older_sender() -> None:
-    older = [P.VERSION, bytes((P.Op.SUBMIT,)), header([[], ["k"]])]
+    older = [P.VERSION + bytes((P.Op.SUBMIT,)) + header([[], ["k"]])]
     back, _ = P.decode(older)
     assert back == P.Submit([], ["k"]) and back.release is None
-    older = [P.VERSION, bytes((P.Op.RUN_TASKS,)), header([[]])]
+    older = [P.VERSION + bytes((P.Op.RUN_TASKS,)) + header([[]])]
     assert P.decode(older)[0] == P.RunTasks([])
     for fields in (
         [[]],
         [[], ["k"], None, "extra"],
     ):  # a required one missing; too many
         with pytest.raises(P.ProtocolError, match="wrong shape"):
-            P.decode([P.VERSION, bytes((P.Op.SUBMIT,)), header(fields)])
+            P.decode([P.VERSION + bytes((P.Op.SUBMIT,)) + header(fields)])
     with pytest.raises(P.ProtocolError, match="release"):
-        P.decode([P.VERSION, bytes((P.Op.SUBMIT,)), header([[], [], "k"])])
+        P.decode([P.VERSION + bytes((P.Op.SUBMIT,)) + header([[], [], "k"])])
 
 
 def test_trailing_fields_at_their_defaults_are_left_off_for_an_older_reader() -> None:
-    assert msgpack.unpackb(P.encode(P.Submit([], ["k"]))[2]) == [[], ["k"]]
-    assert msgpack.unpackb(P.encode(P.RunTasks([]))[2]) == [[]]
-    assert msgpack.unpackb(P.encode(P.GetData(1, ["k"]))[2]) == [1, ["k"]]
+    assert msgpack.unpackb(P.encode(P.Submit([], ["k"]))[0][P.HEAD :]) == [[], ["k"]]
+    assert msgpack.unpackb(P.encode(P.RunTasks([]))[0][P.HEAD :]) == [[]]
+    assert msgpack.unpackb(P.encode(P.GetData(1, ["k"]))[0][P.HEAD :]) == [1, ["k"]]
     with_release = P.Submit([], ["k"], ["old"])
-    assert msgpack.unpackb(P.encode(with_release)[2]) == [[], ["k"], ["old"]]
+    assert msgpack.unpackb(P.encode(with_release)[0][P.HEAD :]) == [[], ["k"], ["old"]]
     assert P.decode(P.encode(with_release))[0] == with_release
     assert P.decode(P.encode(P.RunTasks([], ["x"])))[0] == P.RunTasks([], ["x"])
 
@@ -173,27 +172,24 @@ def test_trailing_fields_at_their_defaults_are_left_off_for_an_older_reader() ->
 # decode rejects
 
 
-@pytest.mark.parametrize("n", [0, 1, 2])
-def test_decode_rejects_fewer_than_three_frames(n: int) -> None:
-    frames = P.encode(P.Heartbeat({}))[:n]
-    with pytest.raises(P.ProtocolError, match="frames"):
-        P.decode(frames)
+def test_decode_rejects_no_frames() -> None:
+    with pytest.raises(P.ProtocolError, match="no frames"):
+        P.decode([])
 
 
-@pytest.mark.parametrize("version", [b"ZD0", b"ZD2", b"", b"zd1", b"ZD1\x00"])
+@pytest.mark.parametrize("version", [b"ZD0", b"ZD1", b"", b"zd2", b"Z"])
 def test_decode_rejects_wrong_version(version: bytes) -> None:
     frames = P.encode(P.Heartbeat({}))
-    frames[0] = version
+    frames[0] = version + frames[0][len(P.VERSION) :]
     with pytest.raises(P.ProtocolError, match="version"):
         P.decode(frames)
 
 
-@pytest.mark.parametrize("op", [b"", b"\x00", b"\xff", b"\x15", bytes((1, 2)), b"AB"])
+@pytest.mark.parametrize("op", [b"", b"\x00", b"\xff", b"\x15"])
 def test_decode_rejects_unknown_op(op: bytes) -> None:
-    frames = P.encode(P.Heartbeat({}))
-    frames[1] = op
+    head = P.VERSION + op + header([{}])
     with pytest.raises(P.ProtocolError, match="unknown op"):
-        P.decode(frames)
+        P.decode([head if op else P.VERSION])
 
 
 @pytest.mark.parametrize(
@@ -208,7 +204,7 @@ def test_decode_rejects_unknown_op(op: bytes) -> None:
     ],
 )
 def test_decode_rejects_undecodable_header(raw: bytes) -> None:
-    frames = [P.VERSION, bytes((P.Op.FREE_KEYS,)), raw]
+    frames = [P.VERSION + bytes((P.Op.FREE_KEYS,)) + raw]
     with pytest.raises(P.ProtocolError, match="undecodable FreeKeys header"):
         P.decode(frames)
 
@@ -219,17 +215,17 @@ def test_decode_rejects_undecodable_header(raw: bytes) -> None:
     ids=["map", "empty", "too-long", "str", "int", "nil"],
 )
 def test_decode_rejects_wrong_shape(values: Any) -> None:
-    frames = [P.VERSION, bytes((P.Op.FREE_KEYS,)), header(values)]
+    frames = [P.VERSION + bytes((P.Op.FREE_KEYS,)) + header(values)]
     with pytest.raises(P.ProtocolError, match="wrong shape"):
         P.decode(frames)
 
 
 def test_decode_rejects_fields_for_a_message_without_fields() -> None:
-    assert P.decode([P.VERSION, bytes((P.Op.CLIENT_CLOSE,)), header([])])[0] == (
+    assert P.decode([P.VERSION + bytes((P.Op.CLIENT_CLOSE,)) + header([])])[0] == (
         P.ClientClose()
     )
     with pytest.raises(P.ProtocolError, match="wrong shape"):
-        P.decode([P.VERSION, bytes((P.Op.CLIENT_CLOSE,)), header([1])])
+        P.decode([P.VERSION + bytes((P.Op.CLIENT_CLOSE,)) + header([1])])
 
 
 def _wrong_type_cases() -> list[Any]:
@@ -262,11 +258,11 @@ def test_decode_rejects_wrong_field_types(
 @pytest.mark.parametrize(
     "frames",
     [
-        ["ZD1", bytes((P.Op.HEARTBEAT,)), header([{}])],
-        [P.VERSION, 3, header([{}])],
-        [P.VERSION, bytes((P.Op.HEARTBEAT,)), None],
+        ["ZD2" + chr(P.Op.HEARTBEAT)],
+        [3],
+        [None],
     ],
-    ids=["str-version", "int-op", "none-header"],
+    ids=["str-head", "int-head", "none-head"],
 )
 def test_decode_rejects_frames_that_are_not_bytes(frames: list[Any]) -> None:
     with pytest.raises(P.ProtocolError):

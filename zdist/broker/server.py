@@ -180,7 +180,7 @@ class BrokerServer:
             "oversized", "dropped a message from %s: %s", ident.hex(), text
         )
         try:
-            msg, _ = P.decode(frames[1:4])
+            msg, _ = P.decode(frames[1:2])
         except P.ProtocolError:
             return
         self.state.refuse(ident, msg, text)

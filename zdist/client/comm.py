@@ -141,7 +141,7 @@ class Connection:
                 kept = self._unwanted(carried)
                 if len(kept) != len(carried):  # wanted again since taken (rare)
                     again = P.Submit(submit.tasks, submit.wants, kept or None)
-                    frames[2] = P.encode(again)[2]
+                    frames[0] = P.encode(again)[0]
             self._send_releases_locked(released)
             send_frames(self.out, frames)
             self._last_sent = time.monotonic()
