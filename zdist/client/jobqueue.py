@@ -71,6 +71,9 @@ class JobQueueCluster:
 
     submit_command = ""
     cancel_command = ""
+    #: The batch system's job states that mean queued / running (see _classify).
+    PENDING: frozenset[str] = frozenset()
+    RUNNING: frozenset[str] = frozenset()
 
     def __init__(
         self,
@@ -306,8 +309,13 @@ class JobQueueCluster:
         raise NotImplementedError
 
     def _classify(self, raw: str | None) -> JobState | None:
-        """pending/running for a raw state, None for one that has left the queue."""
-        raise NotImplementedError
+        """pending/running for a raw state (one of the batch system's PENDING or
+        RUNNING codes), None for one that has left the queue."""
+        if raw in self.PENDING:
+            return JobState.pending
+        if raw in self.RUNNING:
+            return JobState.running
+        return None
 
     def _job_logs(self, job: Job) -> list[Path]:
         pattern = re.compile(rf"(^|[^0-9]){re.escape(job.number)}([^0-9]|$)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from zdist.client.jobqueue import JobQueueCluster
-from zdist.client.jobs import Job, JobError, JobState, _output, _run
+from zdist.client.jobs import Job, JobError, _output, _run
 from zdist.client.jobscript import render_pbs
 
 
@@ -53,10 +53,3 @@ class PBSCluster(JobQueueCluster):
         if result.returncode != 0 and not states and not gone:
             raise JobError(f"qstat failed (exit {result.returncode}): {text}")
         return states
-
-    def _classify(self, raw: str | None) -> JobState | None:
-        if raw in self.PENDING:
-            return JobState.pending
-        if raw in self.RUNNING:
-            return JobState.running
-        return None

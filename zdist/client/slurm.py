@@ -6,7 +6,7 @@ import getpass
 from typing import Any
 
 from zdist.client.jobqueue import JobQueueCluster
-from zdist.client.jobs import Job, JobError, JobState, _output, _run
+from zdist.client.jobs import Job, JobError, _output, _run
 from zdist.client.jobscript import JobSpec, render_slurm
 
 
@@ -47,10 +47,3 @@ class SLURMCluster(JobQueueCluster):
             if len(words) == 2 and words[0].isdigit():
                 states[words[0]] = words[1]
         return states
-
-    def _classify(self, raw: str | None) -> JobState | None:
-        if raw in self.PENDING:
-            return JobState.pending
-        if raw in self.RUNNING:
-            return JobState.running
-        return None
