@@ -553,6 +553,7 @@ class Runner:
         self.reps = reps
         self.results: dict[str, dict[str, Measurement]] = defaultdict(dict)
         self.errors: dict[str, dict[str, str]] = defaultdict(dict)
+        self._pairs = 0  # security on/off repetitions run (which goes first)
 
     def repeat(
         self,
@@ -676,7 +677,7 @@ class Runner:
         +-20% from one cluster to the next on this VM (where its processes land),
         more than security costs: comparing one cluster of each swung the W1 cost
         between -19% and +29% from run to run."""
-        self._pairs = getattr(self, "_pairs", 0) + 1
+        self._pairs += 1
         order = (True, False) if self._pairs % 2 else (False, True)
         out: Result = {}
         for security in order:

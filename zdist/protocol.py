@@ -476,7 +476,8 @@ def _packb(obj: Any) -> bytes:
 
 
 def encode(msg: Message, payload: Sequence[Any] = ()) -> list[Any]:
-    """Frames for ``msg``: version, op, header, then ``payload`` unchanged."""
+    """Frames for ``msg``: the head (version, op, header), then ``payload``
+    unchanged."""
     values = [getattr(msg, name) for name in msg._fields]
     required = msg._required
     if len(values) > required:

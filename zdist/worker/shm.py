@@ -148,16 +148,13 @@ class SharedMemory:
     def map_written(self, path: str, layout: list[list[int]]) -> list[memoryview]:
         """Map a file this worker just wrote (before its receiver unlinks it), pages
         untouched: one memoryview per frame, copy-on-write like :meth:`read`'s."""
-        end = max(start + size for start, size in layout)
+        spans = [(start, size) for start, size in layout]
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            mapping = mmap.mmap(
-                fd, end, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
-            )
+            mapping = _map_private(fd, spans)
         finally:
             os.close(fd)
-        view = memoryview(mapping)
-        return [view[start : start + size] for start, size in layout]
+        return _views(mapping, spans)
 
     def prepare(self) -> str | None:
         """Make the private directory now (so the worker's janitor knows it);
@@ -258,14 +255,7 @@ class SharedMemory:
                 end = max(start + size for start, size in spans)
                 if st.st_size < end:
                     raise ShmError(f"{path} holds {st.st_size} of {end} bytes")
-                # Copy-on-write, like the network path's writable buffers: a task
-                # may change an input array without touching the file's pages.
-                mapping = mmap.mmap(
-                    fd,
-                    end,
-                    flags=mmap.MAP_PRIVATE,
-                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                )
+                mapping = _map_private(fd, spans)
             except OSError as exc:
                 raise ShmError(f"cannot map {path}: {exc}") from None
             finally:
@@ -274,8 +264,7 @@ class SharedMemory:
         finally:
             os.close(dfd)
         _populate(mapping)
-        view = memoryview(mapping)
-        return [view[start : start + size] for start, size in spans]
+        return _views(mapping, spans)
 
     def _check_path(self, path: Any) -> tuple[str, str]:
         if type(path) is not str:
@@ -318,6 +307,20 @@ def _check_private(st: os.stat_result, uid: int, what: str, is_kind: Any) -> Non
             f"{what} is owned by uid {st.st_uid} with mode "
             f"{stat.S_IMODE(st.st_mode):o}: not private to uid {uid}"
         )
+
+
+def _map_private(fd: int, spans: list[tuple[int, int]]) -> mmap.mmap:
+    """Copy-on-write, like the network path's writable buffers: a task may change an
+    input array without touching the file's pages (which another worker may map)."""
+    end = max(start + size for start, size in spans)
+    return mmap.mmap(
+        fd, end, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+    )
+
+
+def _views(mapping: mmap.mmap, spans: list[tuple[int, int]]) -> list[memoryview]:
+    view = memoryview(mapping)
+    return [view[start : start + size] for start, size in spans]
 
 
 def _populate(mapping: mmap.mmap) -> None:

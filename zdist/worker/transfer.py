@@ -24,7 +24,7 @@ import zmq
 
 from zdist import protocol as P
 from zdist import serialize
-from zdist.wire import NOBLOCK, recv_frames, send_frames
+from zdist.wire import recv_ready, send_frames
 from zdist.worker.shm import MIN_SHM_BYTES, ShmError
 
 if TYPE_CHECKING:
@@ -95,6 +95,7 @@ class PeerTransfer:
     _done: deque[Any]
     _results: list[Any]
     _wake: Callable[[], None]
+    _drop: Callable[[str, Exception], None]
 
     def _init_transfer(self) -> None:
         """The transfer state, made by Worker.__init__ (its task code reads and
@@ -128,9 +129,8 @@ class PeerTransfer:
 
     def serve_peers(self) -> None:
         while True:
-            try:
-                frames = recv_frames(self.data_sock, NOBLOCK)
-            except zmq.Again:
+            frames = recv_ready(self.data_sock)
+            if frames is None:
                 return
             ident = frames[0]
             try:
@@ -144,13 +144,7 @@ class PeerTransfer:
                     reply = P.DataReply(msg.request_id, values, missing)
                     send_frames(self.data_sock, [ident, *P.encode(reply, payload)])
             except Exception as exc:
-                self.dropped += 1
-                self._log.warning(
-                    type(exc).__name__,
-                    "worker %s dropped a peer message: %s",
-                    self.name,
-                    exc,
-                )
+                self._drop("a peer message", exc)
 
     def _serve_shared(self, ident: Any, msg: P.GetData) -> None:
         """A peer of this host asked: large values go to shared-memory files, written
@@ -260,9 +254,8 @@ class PeerTransfer:
 
     def receive_from_peer(self, sock: zmq.Socket[Any]) -> None:
         while True:
-            try:
-                frames = recv_frames(sock, NOBLOCK)
-            except zmq.Again:
+            frames = recv_ready(sock)
+            if frames is None:
                 return
             try:
                 msg, payload = P.decode(frames)
@@ -270,13 +263,7 @@ class PeerTransfer:
                     raise P.ProtocolError(f"{type(msg).__name__} from a peer")
                 self._on_fetched(msg, payload)
             except Exception as exc:
-                self.dropped += 1
-                self._log.warning(
-                    type(exc).__name__,
-                    "worker %s dropped a peer reply: %s",
-                    self.name,
-                    exc,
-                )
+                self._drop("a peer reply", exc)
 
     def _on_fetched(self, msg: P.DataReply, payload: list[Any]) -> None:
         files = msg.shm or []

@@ -354,16 +354,22 @@ class Worker(PeerTransfer):
                 msg, payload = P.decode(frames)
                 self._handle_broker(msg, payload)
             except Exception as exc:
-                self.dropped += 1
-                self._log.warning(
-                    type(exc).__name__,
-                    "worker %s dropped a broker message: %s: %s",
-                    self.name,
-                    type(exc).__name__,
-                    exc,
-                )
+                self._drop("a broker message", exc)
             if self.broker is not sock:  # _connect() replaced it: re-registered
                 return
+
+    def _drop(self, what: str, exc: Exception) -> None:
+        """Count a message from the network that could not be used; log it,
+        rate-limited per kind of failure."""
+        self.dropped += 1
+        self._log.warning(
+            type(exc).__name__,
+            "worker %s dropped %s: %s: %s",
+            self.name,
+            what,
+            type(exc).__name__,
+            exc,
+        )
 
     def _handle_broker(self, msg: P.Message, payload: list[Any]) -> None:
         if isinstance(msg, P.RunTasks):
