@@ -29,7 +29,8 @@ Workloads (sizes for the full run; --quick divides them by ~10):
   W10 dask.array (x + x.T).mean() of a 10,000 x 10,000 random array in
                  1,000 x 1,000 chunks, via client.compute            s
 Security rows run W1 and W2 on fresh zdist clusters, one with security on and one
-off per repetition, in alternating order; every other zdist row runs with security
+off per repetition, in alternating order, 3 samples of each per cluster after an
+untimed W2; every other zdist row runs with security
 on (its default). With W1, the W1 floor row times
 2,000 round trips over the same four hops in bare pyzmq (bench_floor.py).
 
@@ -339,6 +340,10 @@ def make_backend(name: str) -> Backend:
 # repetition (plus optional extras); the runner repeats them.
 
 Result = dict[str, float]
+#: Several values of one row from one repetition (each counts towards the median).
+Samples = dict[str, list[float]]
+#: Security rows: samples of each workload per fresh cluster (see _security_pair).
+SECURITY_SAMPLES = 3
 
 
 def w1_latency(client: Any, n: int) -> Result:
@@ -559,7 +564,7 @@ class Runner:
         self,
         backend: str,
         label: str,
-        one_rep: Callable[[], Result | tuple[Result, dict[str, Any]]],
+        one_rep: Callable[[], Result | tuple[Result | Samples, dict[str, Any]]],
         reps: int | None = None,
         warmup: bool = True,
     ) -> None:
@@ -575,7 +580,8 @@ class Runner:
                     continue
                 for row, value in values.items():
                     m = collected.setdefault(row, Measurement(row))
-                    m.values.append(float(value))
+                    samples = value if isinstance(value, list) else [value]
+                    m.values.extend(float(v) for v in samples)
                     for k, v in extra.items():
                         m.extra.setdefault(k, []).append(v)
         except Exception as exc:
@@ -596,7 +602,7 @@ class Runner:
         self, backend: Backend, only: set[str], security_rows: bool
     ) -> None:
         name = backend.name
-        in_cluster = [
+        in_cluster: list[str] = [
             w for w in ("W1", "W2", "W3", "W4", "W5", "W7", "W8", "W10") if w in only
         ]
         if name == "ppe":
@@ -606,7 +612,7 @@ class Runner:
         if "W6" in only and name != "ppe":
             self.repeat(name, "W6", lambda: w6_startup(backend))
         if security_rows and backend.has_security:
-            paired = [w for w in ("W1", "W2") if w in only]
+            paired: list[str] = [w for w in ("W1", "W2") if w in only]
             if paired:
                 self.repeat(
                     name,
@@ -671,25 +677,30 @@ class Runner:
 
     def _security_pair(
         self, backend: Backend, workloads: list[str]
-    ) -> tuple[Result, dict[str, Any]]:
+    ) -> tuple[Samples, dict[str, Any]]:
         """One repetition of the security rows: the workloads on a fresh cluster with
         security on and on one with it off, in alternating order. W1 differs by up to
         +-20% from one cluster to the next on this VM (where its processes land),
         more than security costs: comparing one cluster of each swung the W1 cost
-        between -19% and +29% from run to run."""
+        between -19% and +29% from run to run. So each cluster also runs W2 once
+        untimed (the first W2 on a fresh cluster is its slowest), then each workload
+        SECURITY_SAMPLES times; every sample counts towards the row's median."""
         self._pairs += 1
         order = (True, False) if self._pairs % 2 else (False, True)
-        out: Result = {}
+        out: Samples = {}
         for security in order:
             with backend.cluster(security=security) as (client, _):
                 self._warm(client)
                 suffix = "secon" if security else "secoff"
-                if "W1" in workloads:
-                    out[f"W1-{suffix}"] = w1_latency(client, self.sizes.w1_trips)["W1"]
                 if "W2" in workloads:
-                    out[f"W2-{suffix}"] = w2_throughput(client, self.sizes.w2_items)[
-                        "W2"
-                    ]
+                    w2_throughput(client, self.sizes.w2_items)
+                for _ in range(SECURITY_SAMPLES):
+                    if "W1" in workloads:
+                        w1 = w1_latency(client, self.sizes.w1_trips)["W1"]
+                        out.setdefault(f"W1-{suffix}", []).append(w1)
+                    if "W2" in workloads:
+                        w2 = w2_throughput(client, self.sizes.w2_items)["W2"]
+                        out.setdefault(f"W2-{suffix}", []).append(w2)
         return out, {"order": ["on" if s else "off" for s in order]}
 
     @staticmethod
@@ -778,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     runner = Runner(sizes, reps)
-    not_implemented = []
+    not_implemented: list[str] = []
     for name in args.backend_list:
         runner.run_backend(
             make_backend(name), args.only_set, security_rows=not args.no_security_rows
