@@ -26,6 +26,7 @@ Workloads (sizes for the full run; --quick divides them by ~10):
   W8 scale       1,000,000-task chunked graph (dask: 100,000), once  s, bytes/task
   W9 many workers 1,000 simulated workers (bench_w9.py): the idle
                  broker's CPU, then 100,000 tasks across them   % of a core, tasks/s
+                 then 300 sequential submit().result()          us per round trip
   W10 dask.array (x + x.T).mean() of a 10,000 x 10,000 random array in
                  1,000 x 1,000 chunks, via client.compute            s
 Security rows run W1 and W2 on fresh zdist clusters, one with security on and one
@@ -124,6 +125,7 @@ class Sizes:
     w9_workers: int = 1_000
     w9_tasks: int = 100_000
     w9_idle_s: float = 10.0
+    w9_trips: int = 300
     reps: int = 5
 
 
@@ -143,6 +145,7 @@ QUICK = Sizes(
     w9_workers=200,
     w9_tasks=20_000,
     w9_idle_s=3.0,
+    w9_trips=100,
     reps=2,
 )
 # Only for the smoke test (tests/test_bench_smoke.py): checks that every row runs.
@@ -161,6 +164,7 @@ TINY = Sizes(
     w9_workers=20,
     w9_tasks=500,
     w9_idle_s=1.0,
+    w9_trips=20,
     reps=1,
 )
 
@@ -537,15 +541,19 @@ def w10_dask_array(client: Any, side: int, chunk: int) -> Result:
 def w9_many_workers(sizes: Sizes) -> Result:
     """W9: simulated workers (one process, one DEALER socket each, speaking the real
     worker protocol; see scripts/bench_w9.py) heartbeating at the default interval:
-    the broker's CPU share while idle, then the time to dispatch tasks across them."""
+    the broker's CPU share while idle, the time to dispatch tasks across them, then
+    sequential round trips with all of them idle."""
     from bench_w9 import run_w9
 
-    out = run_w9(sizes.w9_workers, sizes.w9_tasks, idle=sizes.w9_idle_s)
+    out = run_w9(
+        sizes.w9_workers, sizes.w9_tasks, idle=sizes.w9_idle_s, trips=sizes.w9_trips
+    )
     check(out["workers_seen"], sizes.w9_workers, "W9 workers registered")
-    check(out["sim_tasks_done"], sizes.w9_tasks, "W9 tasks answered")
+    check(out["sim_tasks_done"], sizes.w9_tasks + sizes.w9_trips, "W9 tasks answered")
     return {
         "W9-idle": 100 * out["idle_broker_cpu_share"],
         "W9-rate": out["tasks_per_s"],
+        "W9-trip": out["round_trip_us"],
     }
 
 

@@ -70,6 +70,12 @@ ROWS: dict[str, RowSpec] = {
         RowSpec("W8-mem", "W8 scheduler memory per task", "bytes/task", False),
         RowSpec("W9-idle", "W9 idle broker CPU, many workers", "% of a core", False),
         RowSpec("W9-rate", "W9 dispatch across many workers", "tasks/s", True),
+        RowSpec(
+            "W9-trip",
+            "W9 submit(...).result() among many idle workers",
+            f"{MU}s per round trip",
+            False,
+        ),
         RowSpec("W10", "W10 dask.array (x + x.T).mean()", "s", False),
         RowSpec("SEC-W1", "Security cost on W1", "% slower with security", False),
         RowSpec("SEC-W2", "Security cost on W2", "% slower with security", False),

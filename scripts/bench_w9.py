@@ -1,8 +1,10 @@
 """W9: many workers. One process opens N DEALER sockets that speak the real worker
 protocol (register, heartbeat, answer RunTasks with TaskResults) against a real
-broker; we measure the broker's CPU share while idle and the time to dispatch tasks.
+broker; we measure the broker's CPU share while idle, the time to dispatch tasks, and
+sequential submit(...).result() round trips with every worker idle.
 
     python scripts/bench_w9.py [--workers 1000] [--tasks 100000] [--idle 10]
+                                [--trips 300]
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import pickle
 import resource
+import statistics
 import sys
 import threading
 import time
@@ -21,6 +24,7 @@ import zmq
 
 from zdist import Client
 from zdist import protocol as P
+from zdist._version import versions
 from zdist.client.local import BrokerProcess
 from zdist.security import Security
 
@@ -67,7 +71,7 @@ class SimulatedWorkers:
                         "sim",
                         os.getpid(),
                         "/tmp",
-                        {},
+                        versions(),  # this environment's: no mismatch warning
                         [],
                     )
                 )
@@ -125,7 +129,11 @@ class SimulatedWorkers:
 
 
 def run_w9(
-    workers: int = 1000, tasks: int = 100_000, idle: float = 10.0, security: bool = True
+    workers: int = 1000,
+    tasks: int = 100_000,
+    idle: float = 10.0,
+    security: bool = True,
+    trips: int = 300,
 ) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = workers * 2 + 256
@@ -151,7 +159,18 @@ def run_w9(
         results = client.gather(futures)
         dispatch_s = time.monotonic() - t0
         assert len(results) == tasks and all(r is None for r in results)
-        del futures
+        del futures, results
+        # Sequential round trips with every worker idle: what one interactive
+        # submit(...).result() costs on a broker with this many workers.
+        times = []
+        cpu0 = _cpu_seconds(broker.pid)
+        for i in range(trips):
+            t1 = time.perf_counter()
+            got = client.submit(_noop, i, pure=False).result()
+            times.append(time.perf_counter() - t1)
+            assert got is None
+        latency_us = statistics.median(times) * 1e6 if times else float("nan")
+        trip_cpu_us = (_cpu_seconds(broker.pid) - cpu0) / max(trips, 1) * 1e6
         info = client.scheduler_info()
         client.close()
         return {
@@ -161,6 +180,9 @@ def run_w9(
             "tasks": tasks,
             "dispatch_s": dispatch_s,
             "tasks_per_s": tasks / dispatch_s,
+            "round_trips": trips,
+            "round_trip_us": latency_us,
+            "broker_cpu_per_round_trip_us": trip_cpu_us,
             "sim_tasks_done": sim.tasks_done,
             "workers_seen": len(info["workers"]),
             "security": security,
@@ -179,9 +201,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1000)
     ap.add_argument("--tasks", type=int, default=100_000)
     ap.add_argument("--idle", type=float, default=10.0)
+    ap.add_argument("--trips", type=int, default=300)
     ap.add_argument("--no-security", action="store_true")
     args = ap.parse_args()
-    out = run_w9(args.workers, args.tasks, args.idle, not args.no_security)
+    out = run_w9(args.workers, args.tasks, args.idle, not args.no_security, args.trips)
     json.dump(out, sys.stdout, indent=2)
     print()
 

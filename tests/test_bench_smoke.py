@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "scripts" / "bench.py"
 
-# Every row a zdist run produces; W9 joins them once it is implemented.
+# Every row a zdist run produces.
 TIMED_ROWS = [
     "W1",
     "W1-secoff",
@@ -37,10 +37,12 @@ TIMED_ROWS = [
     "W7",
     "W8",
     "W8-rate",
+    "W9-rate",
+    "W9-trip",
 ]
 # Memory growth can honestly be 0 at this size: the allocator may reuse memory
-# freed by earlier workloads.
-MEMORY_ROWS = ["W5-mem", "W8-mem"]
+# freed by earlier workloads. So can an idle broker's CPU share over 1 s.
+MEMORY_ROWS = ["W5-mem", "W8-mem", "W9-idle"]
 # Derived percentages: negative when security on happened to run faster.
 SECURITY_COST_ROWS = ["SEC-W1", "SEC-W2"]
 ALL_ROWS = TIMED_ROWS + MEMORY_ROWS + SECURITY_COST_ROWS
@@ -113,9 +115,7 @@ def test_bench_quick_tiny_runs_every_zdist_row(tmp_path: Path) -> None:
     assert rows["W8"]["extra"]["tasks"][0] > 1_000
     assert len(rows["W8"]["values"]) == 1
 
-    # W9 is a real row or declared unimplemented, never a made-up number.
-    w9_rows = [r for r in rows if r.startswith("W9")]
-    assert w9_rows or "W9" in doc["not_implemented"]
+    assert "W9" not in doc["not_implemented"]
 
     table = {r["row"]: r for r in doc["table"]}
     assert set(TIMED_ROWS + MEMORY_ROWS) <= set(table)

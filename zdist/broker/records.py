@@ -160,6 +160,7 @@ class Worker:
         "metrics",
         "name",
         "nthreads",
+        "order",
         "pid",
         "processing",
         "resources",
@@ -176,6 +177,8 @@ class Worker:
         self.address = msg.data_address
         self.host = msg.host
         self.nthreads = max(1, msg.nthreads)
+        #: Registration order: among equally loaded workers, the first gets work.
+        self.order = 0
         self.memory_limit = msg.memory_limit
         self.resources: dict[str, float] = dict(msg.resources)
         self.avail: dict[str, float] = dict(msg.resources)

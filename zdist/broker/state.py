@@ -94,6 +94,13 @@ class BrokerState(ClientSide):
         self.clients: dict[bytes, ClientRec] = {}
         self.ready: list[tuple[Any, ...]] = []  # global heap of (priority, gen, key)
         self.unrunnable: dict[str, tuple[Any, ...]] = {}  # parked ready-queue entries
+        # Workers seen with nothing to do (a heap by registration order, checked again
+        # before use), and those that may hold a local queue: with many workers,
+        # dispatching one task must not visit all of them (see _dispatch).
+        self._idle: list[tuple[int, Worker]] = []
+        self._idle_set: set[Worker] = set()
+        self._queued_on: set[Worker] = set()
+        self._worker_order = itertools.count()
         self._insertions: deque[Any] = deque()  # large submissions going in by slices
         self._deferred: deque[tuple[bytes, P.Message, list[Any]]] = deque()
         self._gen = itertools.count(1)
@@ -274,7 +281,9 @@ class BrokerState(ClientSide):
         else:
             gathers = set()
         w = Worker(ident, msg, self.now)
+        w.order = next(self._worker_order)
         self.workers[ident] = w
+        self._note_if_idle(w)
         logger.info(
             "worker %s registered at %s with %d threads", w.name, w.address, w.nthreads
         )
@@ -309,6 +318,11 @@ class BrokerState(ClientSide):
         w = self.workers.pop(ident, None)
         if w is None:
             return
+        self._idle_set.discard(w)  # its heap entry is skipped when popped
+        if len(self._idle) > 2 * len(self._idle_set) + 64:  # workers come and go
+            self._idle = [(x.order, x) for x in self._idle_set]
+            heapq.heapify(self._idle)
+        self._queued_on.discard(w)
         if not planned:
             self.counters["workers_lost"] += 1
         # Only the tasks that were running can have killed it: a worker runs its tasks
@@ -388,6 +402,7 @@ class BrokerState(ClientSide):
                 self._release_resources(w, t)
                 t.processing_on = None
                 self._requeue(t, "handed back")
+        self._note_if_idle(w)
         self._dirty = True
 
     def _hand_off(self, w: Worker) -> None:
@@ -521,6 +536,7 @@ class BrokerState(ClientSide):
                     ):
                         self._lost(holder)
                 self._requeue(t, f"missing dependency {text}")
+        self._note_if_idle(w)
         self._dirty = True
 
     def _task_finished(
@@ -664,6 +680,7 @@ class BrokerState(ClientSide):
         target = self._preferred_worker(t)
         if target is not None:
             heapq.heappush(target.local_queue, entry)
+            self._queued_on.add(target)
         else:
             heapq.heappush(self.ready, entry)
         self._dirty = True
@@ -706,8 +723,52 @@ class BrokerState(ClientSide):
                     return False
         return True
 
+    def _note_if_idle(self, w: Worker) -> None:
+        if not w.processing and not w.zombies and w not in self._idle_set:
+            self._idle_set.add(w)
+            heapq.heappush(self._idle, (w.order, w))
+
+    def _local_queues(self) -> bool:
+        """Whether any worker may hold a queue of its own (stale entries count)."""
+        queued_on = self._queued_on
+        if queued_on:
+            workers = self.workers
+            for w in [w for w in queued_on if not w.local_queue]:
+                queued_on.discard(w)
+            for w in [w for w in queued_on if workers.get(w.ident) is not w]:
+                queued_on.discard(w)
+        return bool(queued_on)
+
     def _dispatch(self) -> None:
         self._dirty = False
+        ready = self.ready
+        if not ready and not self._local_queues():
+            return  # nothing anyone could start: visit no worker
+        # Idle workers first (in registration order, as the pass below would take
+        # them), without looking at the others: one task on a broker with 1,000
+        # workers must not cost a pass over all of them. A worker from _idle is
+        # checked again here; one that went idle unnoticed is found by the pass.
+        idle, idle_set = self._idle, self._idle_set
+        workers = self.workers
+        while idle and ready:
+            _, w = heapq.heappop(idle)
+            if w not in idle_set:
+                continue  # removed since
+            idle_set.discard(w)
+            if (
+                workers.get(w.ident) is not w
+                or w.status != "running"
+                or w.occupancy() != 0
+                or w.free_slots() <= 0
+            ):
+                continue
+            t = self._next_task_for(w)
+            if t is None:
+                self._note_if_idle(w)  # nothing here it can run: the pass decides
+                break
+            self._assign(t, w)
+        if not ready and not self._local_queues():
+            return
         # Least-occupied worker first (per thread), one task at a time, so an idle
         # worker gets work before a busy one's pipeline grows, and a burst of short
         # tasks spreads evenly.
@@ -725,16 +786,14 @@ class BrokerState(ClientSide):
             load, i, w, free = heappop(heap)
             t = self._next_task_for(w)
             if t is None:
-                if not self.ready:
+                if not ready:
                     # Nothing shared is left: only a worker's own queue (or a steal
                     # from one) can give more. With none, stop here rather than ask
                     # every other idle worker, each of which would scan all workers
                     # for a steal: O(workers^2), 0.6 s per task with 1,000 idle
                     # workers. Local queues only shrink while dispatching.
                     if queued_locally is None:
-                        queued_locally = any(
-                            x.local_queue for x in self.workers.values()
-                        )
+                        queued_locally = self._local_queues()
                     if not queued_locally:
                         break
                 continue
