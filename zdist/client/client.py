@@ -195,17 +195,23 @@ class Client:
         """Called on the I/O thread for messages that are not request replies."""
         if isinstance(msg, P.TaskUpdates):
             futures = self._futures
+            # Callbacks run on the I/O thread, also when a waiting thread read this.
+            defer = (
+                None
+                if threading.current_thread() is self._conn.io_thread
+                else self._conn.defer_callbacks
+            )
             for key, status, ref, text in msg.updates:
                 st = futures.get(key)
                 if st is None:
                     continue
                 frames = None if ref is None else P.ref_frames(payload, ref)
                 if status == "finished":
-                    st.finish("finished", frames, "")
+                    st.finish("finished", frames, "", defer)
                 elif status == "error":
-                    st.finish("error", frames, text)
+                    st.finish("error", frames, text, defer)
                 elif status in ("cancelled", "lost"):
-                    st.finish(status, None, text)
+                    st.finish(status, None, text, defer)
         elif isinstance(msg, P.Error):
             if msg.text == "unregistered":
                 self._on_lost("the broker restarted and no longer knows these tasks")

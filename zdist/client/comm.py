@@ -1,26 +1,34 @@
 """The client's connection to the broker: two DEALER sockets and an I/O thread.
 
-The I/O thread owns the *receiving* socket: it polls it and turns replies into
-FutureState updates and request slots. Everything the client sends goes out on a
-second socket, guarded by a lock, from whichever thread is sending: a submit leaves
-straight from the user's thread instead of waiting for the I/O thread to wake (a
-thread hand-off costs about 100 us on these machines). ZeroMQ allows a socket to be
-used by several threads one at a time with a memory barrier, which the lock is; the
-I/O thread never polls the sending socket. The broker treats the sending socket's
-identity (the receiving one's plus ``+s``) as the same client, and one socket carries
-every outgoing message, so their order is kept.
+Replies arrive on the *receiving* socket and become FutureState updates and request
+slots. A thread waiting on a result reads that socket itself (Connection.wait_for):
+the reply then wakes the thread that wants it, not the I/O thread, which would have
+to wake it in turn (a thread hand-off costs 30-100 us on these machines). When no
+thread waits, the I/O thread reads it. Whoever reads holds ``_rx_lock``, and only
+while reading; future callbacks always run on the I/O thread.
+
+Everything the client sends goes out on a second socket, guarded by a lock, from
+whichever thread is sending: a submit leaves straight from the user's thread instead
+of waiting for the I/O thread to wake. ZeroMQ allows a socket to be used by several
+threads one at a time with a memory barrier, which a lock is; nobody polls the
+sending socket. The broker treats the sending socket's identity (the receiving one's
+plus ``+s``) as the same client, and one socket carries every outgoing message, so
+their order is kept.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
+import select
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -29,7 +37,49 @@ from zdist.errors import CommClosedError, ZdistError
 from zdist.security import Security
 from zdist.wire import recv_ready, send_frames
 
+if TYPE_CHECKING:
+    from zdist.client.future import FutureState
+
 logger = logging.getLogger(__name__)
+
+#: Milliseconds between the I/O thread's looks while a thread waits on a result (and
+#: reads the socket itself): how late a message can be read once the waiting ends.
+WAITER_TICK_MS = 5
+#: A waiting thread looks at its future at least this often (milliseconds), whatever
+#: happens to the socket.
+WAIT_RECHECK_MS = 1000
+
+
+class _Waker:
+    """A pipe that a waiting thread polls beside the socket; written when its future
+    finishes by another thread (the I/O thread, another waiting thread, close)."""
+
+    __slots__ = ("r", "w")
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.r, False)
+        os.set_blocking(self.w, False)
+
+    def wake(self) -> None:
+        try:
+            os.write(self.w, b"x")
+        except OSError:  # full (it is waking anyway) or closed
+            pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.r, 4096):
+                pass
+        except OSError:
+            pass
+
+    def __del__(self) -> None:
+        for fd in (self.r, self.w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class Request:
@@ -76,6 +126,15 @@ class Connection:
             security.configure_client(self.sock)
             security.configure_client(self.out)
         self._send_lock = threading.Lock()
+        # Reading the receiving socket: the I/O thread, or a thread waiting on a
+        # result (wait_for), one at a time and only while reading.
+        self._rx_lock = threading.Lock()
+        self._rx_closed = False
+        self._rx_fd: int = self.sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+        self._waiters = 0
+        self._waiters_lock = threading.Lock()
+        self._wakers = threading.local()
+        self._deferred: deque[list[Callable[[], None]]] = deque()
         self._register: P.RegisterClient | None = None
         self._last_sent = time.monotonic()
         self._wake_r, self._wake_w = os.pipe()
@@ -91,6 +150,7 @@ class Connection:
         self._thread = threading.Thread(
             target=self._run, name="zdist-client-io", daemon=True
         )
+        self.io_thread = self._thread
 
     # --- user side --------------------------------------------------------------------
 
@@ -166,6 +226,63 @@ class Connection:
         if not self.closed:
             os.write(self._wake_w, b"x")
 
+    def defer_callbacks(self, callbacks: list[Callable[[], None]]) -> None:
+        """Run these future callbacks on the I/O thread (they were read elsewhere)."""
+        self._deferred.append(callbacks)
+        self.wake()
+
+    def wait_for(self, st: FutureState, timeout: float | None) -> bool:
+        """Block until ``st`` is finished (or ``timeout`` seconds), reading the socket
+        from this thread meanwhile; True if finished."""
+        if st.done:
+            return True
+        if self._rx_closed or threading.current_thread() is self._thread:
+            return st.wait(timeout)
+        waker = getattr(self._wakers, "waker", None)
+        if waker is None:
+            waker = self._wakers.waker = _Waker()
+        if not st.add_waker(waker):
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self._rx_fd, select.POLLIN)
+        poller.register(waker.r, select.POLLIN)
+        with self._waiters_lock:
+            self._waiters += 1
+        try:
+            while True:
+                with self._rx_lock:  # held by others only while they read
+                    if self._rx_closed:
+                        break
+                    # Before polling: the socket's descriptor only signals what
+                    # arrives after the last read.
+                    self._read_as_waiter()
+                if st.done:
+                    return True
+                ms = WAIT_RECHECK_MS
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    ms = min(ms, math.ceil(left * 1000))
+                poller.poll(ms)
+                waker.drain()
+                if st.done:
+                    return True
+        finally:
+            with self._waiters_lock:
+                self._waiters -= 1
+            st.remove_waker(waker)
+        # Closed meanwhile: whoever closed it finishes the futures.
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return st.wait(left)
+
+    def _read_as_waiter(self) -> None:
+        try:
+            self._receive()
+        except Exception:  # as on the I/O thread: never the waiting caller's error
+            logger.exception("client failed to read a message from the broker")
+
     def request(
         self, make: Callable[[int], P.Message], payload: Any = (), expect: int = 1
     ) -> tuple[int, Request]:
@@ -214,28 +331,40 @@ class Connection:
     # --- I/O thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        watching = False  # the socket's descriptor is in the poll set
         self._last_sent = time.monotonic()
         try:
             if self._register is not None:
-                send_frames(self.sock, P.encode(self._register))
+                with self._rx_lock:
+                    send_frames(self.sock, P.encode(self._register))
             while True:
-                events = dict(poller.poll(250))
-                if self._wake_r in events:
+                # While a thread waits on a result it reads the socket itself: the
+                # I/O thread stays out of its way and looks again every few ms.
+                nobody_waits = self._waiters == 0
+                if nobody_waits:
+                    with self._rx_lock:
+                        self._receive()  # before polling (see wait_for)
+                    if not watching:
+                        poller.register(self._rx_fd, select.POLLIN)
+                        watching = True
+                elif watching:
+                    poller.unregister(self._rx_fd)
+                    watching = False
+                events = poller.poll(250 if nobody_waits else WAITER_TICK_MS)
+                if any(fd == self._wake_r for fd, _ in events):
                     try:
                         while os.read(self._wake_r, 65536):
                             pass
                     except BlockingIOError:
                         pass
+                self._run_deferred()
                 released = self._take_releases()
                 if released and not self._stop.is_set():
                     self.send_releases(released)
                 if self._stop.is_set():
                     return
-                if self.sock in events:
-                    self._receive()
                 now = time.monotonic()
                 if self.welcome is not None:
                     if now - self._last_sent > self.heartbeat_interval:
@@ -255,12 +384,23 @@ class Connection:
             self.fail_requests("the client's I/O thread failed")
             self._on_lost("the client's I/O thread failed")
         finally:
-            self.sock.close(linger=0)
+            with self._rx_lock:
+                self._rx_closed = True
+                self.sock.close(linger=0)
             with self._send_lock:
                 self.out.close(linger=0)
+            self._run_deferred()
             self.ctx.term()
             os.close(self._wake_r)
             os.close(self._wake_w)
+
+    def _run_deferred(self) -> None:
+        while self._deferred:
+            for cb in self._deferred.popleft():
+                try:
+                    cb()
+                except Exception:
+                    logger.exception("future callback failed")
 
     def _receive(self) -> None:
         while True:

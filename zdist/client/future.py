@@ -35,6 +35,7 @@ class FutureState:
     __slots__ = (
         "_event",
         "_value",
+        "_wakers",
         "callbacks",
         "done",
         "frames",
@@ -54,8 +55,18 @@ class FutureState:
         self._value: Any = _NO_VALUE
         self.callbacks: list[Callable[[], None]] = []
         self.lock = threading.Lock()
+        # Threads reading the socket themselves while they wait (Connection.wait_for)
+        self._wakers: list[Any] | None = None
 
-    def finish(self, status: str, frames: list[Any] | None, text: str) -> None:
+    def finish(
+        self,
+        status: str,
+        frames: list[Any] | None,
+        text: str,
+        defer: Callable[[list[Callable[[], None]]], None] | None = None,
+    ) -> None:
+        """Settle the state; callbacks run here, or are handed to ``defer`` (the I/O
+        thread's queue, when a waiting user thread read the message)."""
         with self.lock:
             if self.done and status == self.status:
                 return
@@ -66,12 +77,36 @@ class FutureState:
             self.done = True
             if self._event is not None:
                 self._event.set()
+            wakers = self._wakers
             callbacks, self.callbacks = self.callbacks, []
+        if wakers:
+            for waker in list(wakers):
+                waker.wake()
+        if not callbacks:
+            return
+        if defer is not None:
+            defer(callbacks)
+            return
         for cb in callbacks:
             try:
                 cb()
             except Exception:
                 logger.exception("future callback failed")
+
+    def add_waker(self, waker: Any) -> bool:
+        """Wake ``waker`` when finished; False if finished already."""
+        with self.lock:
+            if self.done:
+                return False
+            if self._wakers is None:
+                self._wakers = []
+            self._wakers.append(waker)
+            return True
+
+    def remove_waker(self, waker: Any) -> None:
+        with self.lock:
+            if self._wakers is not None and waker in self._wakers:
+                self._wakers.remove(waker)
 
     def reset(self) -> None:
         with self.lock:
@@ -166,10 +201,15 @@ class Future:
     def cancelled(self) -> bool:
         return self._state.status == "cancelled"
 
+    def _wait(self, timeout: float | None = None) -> bool:
+        """Block until done (or ``timeout`` seconds); True if done."""
+        st = self._state
+        return st.done or self.client._conn.wait_for(st, timeout)
+
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the task and return its value, or raise its exception."""
         st = self._state
-        if not st.wait(timeout):
+        if not self._wait(timeout):
             raise TimeoutError(f"result of {self.key!r} not ready within {timeout} s")
         if st.status == "finished":
             if st.frames is None and not st.has_value():
@@ -179,7 +219,7 @@ class Future:
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         st = self._state
-        if not st.wait(timeout):
+        if not self._wait(timeout):
             raise TimeoutError(f"{self.key!r} not done within {timeout} s")
         return None if st.status == "finished" else st.exception()
 

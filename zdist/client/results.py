@@ -20,7 +20,7 @@ def gather_results(client: Client, futures: Any, errors: str) -> Any:
     structure; with ``errors="skip"``, failed ones are left out."""
     flat = _flatten_futures(futures)
     for f in flat:
-        f._state.wait()
+        f._wait()
     values: dict[str, Any] = {}
     fetch = []
     for f in flat:

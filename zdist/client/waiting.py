@@ -36,7 +36,7 @@ def wait(
             remaining = (
                 None if deadline is None else max(0.0, deadline - time.monotonic())
             )
-            if not f._state.wait(remaining):
+            if not f._wait(remaining):
                 raise TimeoutError(
                     f"{sum(not g.done() for g in futures)} futures not "
                     f"done after {timeout} s"

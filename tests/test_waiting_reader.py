@@ -1,0 +1,148 @@
+"""A thread waiting on a result reads the client's socket itself (Connection.wait_for):
+callbacks still run on the I/O thread, other waiting threads are woken, requests are
+answered, timeouts and close still end the wait."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from utils import wait_for
+
+from zdist import Client
+from zdist.errors import ZdistError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def wait_for_path(path: str) -> str:
+    """A task that holds its worker's thread until ``path`` exists (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.01)
+    return path
+
+
+def _store_result(future: Any, into: dict[int, Any], i: int) -> None:
+    try:
+        into[i] = future.result(timeout=60)
+    except BaseException as exc:  # compared below
+        into[i] = exc
+
+
+def waiters(client: Any) -> int:
+    return client._conn._waiters
+
+
+def open_gate(path: Path) -> None:
+    path.write_text("open")
+
+
+def test_the_waiting_thread_reads_the_result_and_callbacks_stay_on_the_io_thread(
+    client: Any, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    f = client.submit(wait_for_path, str(gate), pure=False)
+    ran_on: list[str] = []
+    called = threading.Event()
+
+    def callback(_: Any) -> None:
+        ran_on.append(threading.current_thread().name)
+        called.set()
+
+    f.add_done_callback(callback)
+    opener = threading.Thread(
+        target=lambda: (wait_for(lambda: waiters(client) == 1), open_gate(gate))
+    )
+    opener.start()
+    assert f.result(timeout=60) == str(gate)  # this thread read the reply
+    opener.join(30)
+    assert called.wait(30)
+    assert ran_on == ["zdist-client-io"]
+
+
+def test_threads_waiting_on_different_results_all_wake(
+    client: Any, tmp_path: Path
+) -> None:
+    # Whichever thread reads a reply, the thread that wants it returns. Each round
+    # opens one gate while both threads wait, so the reply may be read by either.
+    for round_ in range(4):
+        gates = [tmp_path / f"gate-{round_}-{i}" for i in range(2)]
+        futures = [client.submit(wait_for_path, str(g), pure=False) for g in gates]
+        got: dict[int, Any] = {}
+        threads = [
+            threading.Thread(target=_store_result, args=(futures[i], got, i))
+            for i in range(2)
+        ]
+        for t in threads:
+            t.start()
+        wait_for(lambda: waiters(client) == 2, what="two waiting threads")
+        first = round_ % 2
+        open_gate(gates[first])
+        threads[first].join(30)
+        assert not threads[first].is_alive()
+        assert got[first] == str(gates[first])
+        assert threads[1 - first].is_alive()  # its gate is still shut
+        open_gate(gates[1 - first])
+        threads[1 - first].join(30)
+        assert got == {0: str(gates[0]), 1: str(gates[1])}
+
+
+def test_a_request_is_answered_while_a_thread_waits_on_a_result(
+    client: Any, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    f = client.submit(wait_for_path, str(gate), pure=False)
+    waiter = threading.Thread(target=f.result, kwargs={"timeout": 60})
+    waiter.start()
+    wait_for(lambda: waiters(client) == 1)
+    info = client.scheduler_info()  # its reply is read by the waiting thread
+    assert len(info["workers"]) == 2
+    open_gate(gate)
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert f.result(timeout=10) == str(gate)
+
+
+def test_a_timeout_ends_the_wait_and_the_result_still_comes(
+    client: Any, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    f = client.submit(wait_for_path, str(gate), pure=False)
+    with pytest.raises(TimeoutError):
+        f.result(timeout=0.2)
+    assert waiters(client) == 0
+    open_gate(gate)
+    assert f.result(timeout=60) == str(gate)
+
+
+def test_closing_the_client_ends_a_wait(cluster: Any, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    c = Client(cluster, set_as_default=False)
+    try:
+        f = c.submit(wait_for_path, str(gate), pure=False)
+        outcome: list[BaseException | str] = []
+
+        def wait() -> None:
+            try:
+                outcome.append(f.result(timeout=60))
+            except (ZdistError, OSError, RuntimeError) as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        wait_for(lambda: waiters(c) == 1)
+        c.close()
+        waiter.join(30)
+        assert not waiter.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], BaseException), outcome
+        assert "closed" in str(outcome[0])
+    finally:
+        open_gate(gate)  # let the worker's thread go
+        c.close()
