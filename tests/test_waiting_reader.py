@@ -14,9 +14,33 @@ import pytest
 from utils import wait_for
 
 from zdist import Client
+from zdist import protocol as P
+from zdist.client import comm
 from zdist.errors import ZdistError
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def no_safety_net(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A waiting thread looks at its future once a second whatever happens, which
+    # would hide a lost wake-up from these tests: make it a minute.
+    monkeypatch.setattr(comm, "WAIT_RECHECK_MS", 60_000)
+
+
+def record_readers(client: Any, key: str) -> list[str]:
+    """The names of the threads that handle ``key``'s TaskUpdates from now on."""
+    conn = client._conn
+    readers: list[str] = []
+    handle = conn._on_message
+
+    def recording(msg: P.Message, payload: list[Any]) -> None:
+        if isinstance(msg, P.TaskUpdates) and any(u[0] == key for u in msg.updates):
+            readers.append(threading.current_thread().name)
+        handle(msg, payload)
+
+    conn._on_message = recording
+    return readers
 
 
 def wait_for_path(path: str) -> str:
@@ -57,12 +81,14 @@ def test_the_waiting_thread_reads_the_result_and_callbacks_stay_on_the_io_thread
         called.set()
 
     f.add_done_callback(callback)
+    readers = record_readers(client, f.key)
     opener = threading.Thread(
         target=lambda: (wait_for(lambda: waiters(client) == 1), open_gate(gate))
     )
     opener.start()
-    assert f.result(timeout=60) == str(gate)  # this thread read the reply
+    assert f.result(timeout=60) == str(gate)
     opener.join(30)
+    assert readers == [threading.current_thread().name]  # this thread read it
     assert called.wait(30)
     assert ran_on == ["zdist-client-io"]
 
@@ -82,14 +108,17 @@ def test_threads_waiting_on_different_results_all_wake(
         ]
         for t in threads:
             t.start()
-        wait_for(lambda: waiters(client) == 2, what="two waiting threads")
-        first = round_ % 2
-        open_gate(gates[first])
-        threads[first].join(30)
-        assert not threads[first].is_alive()
-        assert got[first] == str(gates[first])
-        assert threads[1 - first].is_alive()  # its gate is still shut
-        open_gate(gates[1 - first])
+        try:
+            wait_for(lambda: waiters(client) == 2, what="two waiting threads")
+            first = round_ % 2
+            open_gate(gates[first])
+            threads[first].join(30)
+            assert not threads[first].is_alive()
+            assert got[first] == str(gates[first])
+            assert threads[1 - first].is_alive()  # its gate is still shut
+        finally:
+            for g in gates:
+                open_gate(g)
         threads[1 - first].join(30)
         assert got == {0: str(gates[0]), 1: str(gates[1])}
 
@@ -146,3 +175,37 @@ def test_closing_the_client_ends_a_wait(cluster: Any, tmp_path: Path) -> None:
     finally:
         open_gate(gate)  # let the worker's thread go
         c.close()
+
+
+def test_a_waiting_thread_interrupted_halfway_through_a_message_loses_nothing(
+    client: Any, tmp_path: Path
+) -> None:
+    # Ctrl-C lands while the waiting thread handles the reply: the I/O thread
+    # handles that message again, so the future still finishes.
+    gate = tmp_path / "gate"
+    f = client.submit(wait_for_path, str(gate), pure=False)
+    conn = client._conn
+    handle = conn._on_message
+    me = threading.current_thread()
+
+    def interrupted(msg: P.Message, payload: list[Any]) -> None:
+        if threading.current_thread() is me and isinstance(msg, P.TaskUpdates):
+            conn._on_message = handle  # once
+            raise KeyboardInterrupt
+        handle(msg, payload)
+
+    conn._on_message = interrupted
+    opener = threading.Thread(
+        target=lambda: (wait_for(lambda: waiters(client) == 1), open_gate(gate))
+    )
+    opener.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            f.result(timeout=60)
+    finally:
+        open_gate(gate)
+        opener.join(30)
+    assert conn._on_message is handle  # the interruption happened
+    wait_for(f.done, timeout=30, what="the I/O thread to handle the message again")
+    assert f.result(timeout=10) == str(gate)
+    assert waiters(client) == 0

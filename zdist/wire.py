@@ -48,6 +48,11 @@ def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[zmq.Frame]:
     return parts
 
 
+def readable(sock: zmq.Socket[Any]) -> bool:
+    """Whether a message is waiting (this also resets the socket's FD signal)."""
+    return bool(sock.get(_EVENTS) & _POLLIN)  # type: ignore[operator]
+
+
 def recv_ready(sock: zmq.Socket[Any]) -> list[zmq.Frame] | None:
     """The next message if one is waiting, else ``None``. Asking the socket costs
     under 1 us; trying to receive and catching ``zmq.Again`` about 5 us, paid at the

@@ -195,12 +195,8 @@ class Client:
         """Called on the I/O thread for messages that are not request replies."""
         if isinstance(msg, P.TaskUpdates):
             futures = self._futures
-            # Callbacks run on the I/O thread, also when a waiting thread read this.
-            defer = (
-                None
-                if threading.current_thread() is self._conn.io_thread
-                else self._conn.defer_callbacks
-            )
+            # Callbacks run on the I/O thread after this read, whoever reads.
+            defer = self._conn.defer_callbacks
             for key, status, ref, text in msg.updates:
                 st = futures.get(key)
                 if st is None:
@@ -222,11 +218,14 @@ class Client:
             pass
 
     def _on_lost(self, why: str) -> None:
+        """Fail every pending future (from the connection, while it still runs:
+        their callbacks go to its I/O thread)."""
         with self._lock:
             states = list(self._futures.values())
+        defer = self._conn.defer_callbacks
         for st in states:
             if not st.done:
-                st.finish("lost", None, why)
+                st.finish("lost", None, why, defer)
 
     # ==================================================================================
     # submitting

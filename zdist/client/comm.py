@@ -18,6 +18,7 @@ their order is kept.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -35,7 +36,7 @@ import zmq
 from zdist import protocol as P
 from zdist.errors import CommClosedError, ZdistError
 from zdist.security import Security
-from zdist.wire import recv_ready, send_frames
+from zdist.wire import readable, recv_ready, send_frames
 
 if TYPE_CHECKING:
     from zdist.client.future import FutureState
@@ -75,11 +76,12 @@ class _Waker:
             pass
 
     def __del__(self) -> None:
-        for fd in (self.r, self.w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        for fd in (getattr(self, "r", -1), getattr(self, "w", -1)):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 class Request:
@@ -135,10 +137,15 @@ class Connection:
         self._waiters_lock = threading.Lock()
         self._wakers = threading.local()
         self._deferred: deque[list[Callable[[], None]]] = deque()
+        # Left for the I/O thread to read: a waiting thread stopped early or was
+        # interrupted halfway through a message (_redo).
+        self._rx_pending = False
+        self._redo: deque[tuple[P.Message, list[Any]]] = deque()
         self._register: P.RegisterClient | None = None
         self._last_sent = time.monotonic()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)  # a full pipe wakes the thread anyway
         self._requests: dict[int, Request] = {}
         self._req = itertools.count(1)
         self._stop = threading.Event()
@@ -224,12 +231,18 @@ class Connection:
     def wake(self) -> None:
         """Have the I/O thread run a loop turn (and send pending releases)."""
         if not self.closed:
-            os.write(self._wake_w, b"x")
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:  # full: it has plenty to wake it
+                pass
 
     def defer_callbacks(self, callbacks: list[Callable[[], None]]) -> None:
-        """Run these future callbacks on the I/O thread (they were read elsewhere)."""
+        """Run these future callbacks on the I/O thread, after the read that
+        finished their futures: never under ``_rx_lock``, always in finishing order."""
+        wake = not self._deferred and threading.current_thread() is not self._thread
         self._deferred.append(callbacks)
-        self.wake()
+        if wake:
+            self.wake()
 
     def wait_for(self, st: FutureState, timeout: float | None) -> bool:
         """Block until ``st`` is finished (or ``timeout`` seconds), reading the socket
@@ -238,50 +251,54 @@ class Connection:
             return True
         if self._rx_closed or threading.current_thread() is self._thread:
             return st.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
         waker = getattr(self._wakers, "waker", None)
         if waker is None:
             waker = self._wakers.waker = _Waker()
-        if not st.add_waker(waker):
-            return True
-        deadline = None if timeout is None else time.monotonic() + timeout
-        poller = select.poll()
-        poller.register(self._rx_fd, select.POLLIN)
-        poller.register(waker.r, select.POLLIN)
-        with self._waiters_lock:
-            self._waiters += 1
+        counted = False
         try:
+            if not st.add_waker(waker):
+                return True
+            with self._waiters_lock:
+                self._waiters += 1
+                counted = True
+            poller = select.poll()
+            poller.register(self._rx_fd, select.POLLIN)
+            poller.register(waker.r, select.POLLIN)
             while True:
-                with self._rx_lock:  # held by others only while they read
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return st.done
+                # Held by others only while they read.
+                if not self._rx_lock.acquire(timeout=-1 if left is None else left):
+                    return st.done
+                try:
                     if self._rx_closed:
                         break
                     # Before polling: the socket's descriptor only signals what
                     # arrives after the last read.
-                    self._read_as_waiter()
+                    self._read(until=st, deadline=deadline)
+                finally:
+                    self._rx_lock.release()
                 if st.done:
                     return True
                 ms = WAIT_RECHECK_MS
                 if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return False
-                    ms = min(ms, math.ceil(left * 1000))
+                    ms = max(
+                        0, min(ms, math.ceil((deadline - time.monotonic()) * 1000))
+                    )
                 poller.poll(ms)
                 waker.drain()
                 if st.done:
                     return True
         finally:
-            with self._waiters_lock:
-                self._waiters -= 1
+            if counted:
+                with self._waiters_lock:
+                    self._waiters -= 1
             st.remove_waker(waker)
         # Closed meanwhile: whoever closed it finishes the futures.
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         return st.wait(left)
-
-    def _read_as_waiter(self) -> None:
-        try:
-            self._receive()
-        except Exception:  # as on the I/O thread: never the waiting caller's error
-            logger.exception("client failed to read a message from the broker")
 
     def request(
         self, make: Callable[[int], P.Message], payload: Any = (), expect: int = 1
@@ -343,9 +360,11 @@ class Connection:
                 # While a thread waits on a result it reads the socket itself: the
                 # I/O thread stays out of its way and looks again every few ms.
                 nobody_waits = self._waiters == 0
-                if nobody_waits:
+                if nobody_waits or self._rx_pending:
                     with self._rx_lock:
-                        self._receive()  # before polling (see wait_for)
+                        self._read()  # before polling (see wait_for)
+                    self._run_deferred()
+                if nobody_waits:
                     if not watching:
                         poller.register(self._rx_fd, select.POLLIN)
                         watching = True
@@ -379,6 +398,7 @@ class Connection:
                         self.fail_requests(why)
                         self._on_lost(why)
                         self._last_heard = now
+                        self._run_deferred()
         except Exception:
             logger.exception("client I/O thread failed")
             self.fail_requests("the client's I/O thread failed")
@@ -402,26 +422,67 @@ class Connection:
                 except Exception:
                     logger.exception("future callback failed")
 
-    def _receive(self) -> None:
-        while True:
-            frames = recv_ready(self.sock)
-            if frames is None:
-                return
-            self._last_heard = time.monotonic()
+    def _read(
+        self, until: FutureState | None = None, deadline: float | None = None
+    ) -> None:
+        """Read and handle what the receiving socket holds (the caller holds
+        ``_rx_lock``). A waiting thread stops once its own future is finished or its
+        time is up; what it leaves is the I/O thread's, as the socket's descriptor
+        will not signal it again. Messages a waiting thread was interrupted in
+        (Ctrl-C) are handled again by the I/O thread: finishing a future twice, or
+        answering a request twice with the same message, changes nothing."""
+        sock = self.sock
+        redo = self._redo
+        while redo:
             try:
-                msg, payload = P.decode(frames)
-            except P.ProtocolError as exc:
-                logger.warning("dropped a message from the broker: %s", exc)
-                continue
-            req_id = getattr(msg, "request_id", 0)
-            if isinstance(msg, P.Welcome):
-                self.welcome = msg
-                self.heartbeat_interval = msg.heartbeat_interval
-                self._welcomed.set()
-            elif req_id and req_id in self._requests:
-                slot = self._requests[req_id]
+                self._handle(*redo[0])
+            except Exception:
+                logger.exception("client failed to handle a message from the broker")
+            redo.popleft()  # not if interrupted: then it is handled again
+        while True:
+            if until is not None and (
+                until.done or (deadline is not None and time.monotonic() >= deadline)
+            ):
+                if readable(sock):
+                    self._rx_pending = True
+                    self.wake()
+                return
+            frames = recv_ready(sock)
+            if frames is None:
+                self._rx_pending = False
+                return
+            decoded: tuple[P.Message, list[Any]] | None = None
+            try:
+                self._last_heard = time.monotonic()
+                try:
+                    decoded = P.decode(frames)
+                except P.ProtocolError as exc:
+                    logger.warning("dropped a message from the broker: %s", exc)
+                    continue
+                self._handle(*decoded)
+            except Exception:  # a bug here must not stop the client reading
+                logger.exception("client failed to handle a message from the broker")
+            except BaseException:  # interrupted: the I/O thread handles it again
+                if decoded is None:
+                    with contextlib.suppress(P.ProtocolError):
+                        decoded = P.decode(frames)
+                if decoded is not None:
+                    redo.append(decoded)
+                self._rx_pending = True
+                self.wake()
+                raise
+
+    def _handle(self, msg: P.Message, payload: list[Any]) -> None:
+        req_id = getattr(msg, "request_id", 0)
+        if isinstance(msg, P.Welcome):
+            self.welcome = msg
+            self.heartbeat_interval = msg.heartbeat_interval
+            self._welcomed.set()
+        elif req_id and req_id in self._requests:
+            slot = self._requests[req_id]
+            if not any(m is msg for m, _ in slot.replies):
                 slot.replies.append((msg, payload))
-                if len(slot.replies) >= slot.expect or isinstance(msg, P.Error):
-                    slot.event.set()
-            else:
-                self._on_message(msg, payload)
+            if len(slot.replies) >= slot.expect or isinstance(msg, P.Error):
+                slot.event.set()
+        else:
+            self._on_message(msg, payload)
