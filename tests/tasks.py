@@ -90,3 +90,13 @@ def counted_bytes(path: str, n: int) -> bytes:
     with open(path, "a") as f:
         f.write("ran\n")
     return b"y" * n
+
+
+def wait_for_path(path: str) -> str:
+    """A task that holds its worker's thread until ``path`` exists (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.01)
+    return path

@@ -74,16 +74,6 @@ def held_here(key: str) -> dict[str, Any]:
     return describe_array(get_worker().data[key])
 
 
-def wait_for_path(path: str) -> str:
-    """A task that holds its worker's thread until ``path`` exists (60 s at most)."""
-    deadline = time.monotonic() + 60
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.01)
-    return path
-
-
 def sha(x: Any) -> str:
     return hashlib.sha256(bytes(x)).hexdigest()
 
@@ -192,7 +182,7 @@ def test_server_holds_an_array_it_served_through_the_shared_pages(
     # A task of a's still waits for x (behind a gate), so a keeps its copy after b
     # has fetched one (else the broker frees it: one copy serves everyone).
     gate = tmp_path / "open"
-    closed = c.submit(wait_for_path, str(gate), workers=[a], pure=False)
+    closed = c.submit(tasks.wait_for_path, str(gate), workers=[a], pure=False)
     later = c.submit(describe_array, x, closed, workers=[a], pure=False)
     got = c.submit(describe_array, x, workers=[b], pure=False).result(60)
     assert got["mapped"] and got["worker"] == b

@@ -4,13 +4,12 @@ answered, timeouts and close still end the wait."""
 
 from __future__ import annotations
 
-import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tasks import wait_for_path
 from utils import wait_for
 
 from zdist import Client
@@ -41,16 +40,6 @@ def record_readers(client: Any, key: str) -> list[str]:
 
     conn._on_message = recording
     return readers
-
-
-def wait_for_path(path: str) -> str:
-    """A task that holds its worker's thread until ``path`` exists (60 s at most)."""
-    deadline = time.monotonic() + 60
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.01)
-    return path
 
 
 def _store_result(future: Any, into: dict[int, Any], i: int) -> None:
