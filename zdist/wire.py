@@ -57,7 +57,7 @@ def recv_ready(sock: zmq.Socket[Any]) -> list[zmq.Frame] | None:
     """The next message if one is waiting, else ``None``. Asking the socket costs
     under 1 us; trying to receive and catching ``zmq.Again`` about 5 us, paid at the
     end of every burst a poll loop reads."""
-    if not sock.get(_EVENTS) & _POLLIN:  # type: ignore[operator]
+    if not readable(sock):
         return None
     try:
         return recv_frames(sock, NOBLOCK)

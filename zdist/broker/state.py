@@ -730,13 +730,9 @@ class BrokerState(ClientSide):
 
     def _local_queues(self) -> bool:
         """Whether any worker may hold a queue of its own (stale entries count)."""
-        queued_on = self._queued_on
+        queued_on = self._queued_on  # remove_worker takes leavers out
         if queued_on:
-            workers = self.workers
-            for w in [w for w in queued_on if not w.local_queue]:
-                queued_on.discard(w)
-            for w in [w for w in queued_on if workers.get(w.ident) is not w]:
-                queued_on.discard(w)
+            queued_on.difference_update([w for w in queued_on if not w.local_queue])
         return bool(queued_on)
 
     def _dispatch(self) -> None:
@@ -749,18 +745,12 @@ class BrokerState(ClientSide):
         # workers must not cost a pass over all of them. A worker from _idle is
         # checked again here; one that went idle unnoticed is found by the pass.
         idle, idle_set = self._idle, self._idle_set
-        workers = self.workers
         while idle and ready:
             _, w = heapq.heappop(idle)
             if w not in idle_set:
-                continue  # removed since
+                continue  # gone since (remove_worker)
             idle_set.discard(w)
-            if (
-                workers.get(w.ident) is not w
-                or w.status != "running"
-                or w.occupancy() != 0
-                or w.free_slots() <= 0
-            ):
+            if w.occupancy() != 0 or w.free_slots() <= 0:  # busy, or not running
                 continue
             t = self._next_task_for(w)
             if t is None:

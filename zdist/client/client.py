@@ -192,7 +192,8 @@ class Client:
         return keys
 
     def _on_message(self, msg: P.Message, payload: list[Any]) -> None:
-        """Called on the I/O thread for messages that are not request replies."""
+        """Messages that are not request replies, from whichever thread reads the
+        socket (the I/O thread, or one waiting on a result) under its read lock."""
         if isinstance(msg, P.TaskUpdates):
             futures = self._futures
             # Callbacks run on the I/O thread after this read, whoever reads.

@@ -52,8 +52,9 @@ WAIT_RECHECK_MS = 1000
 
 
 class _Waker:
-    """A pipe that a waiting thread polls beside the socket; written when its future
-    finishes by another thread (the I/O thread, another waiting thread, close)."""
+    """A non-blocking pipe a thread polls beside the socket, written to wake it: the
+    I/O thread's, and each waiting thread's (written when another thread finishes
+    its future)."""
 
     __slots__ = ("r", "w")
 
@@ -70,18 +71,22 @@ class _Waker:
 
     def drain(self) -> None:
         try:
-            while os.read(self.r, 4096):
+            while os.read(self.r, 65536):
                 pass
         except OSError:
             pass
 
-    def __del__(self) -> None:
+    def close(self) -> None:
         for fd in (getattr(self, "r", -1), getattr(self, "w", -1)):
             if fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
+        self.r = self.w = -1
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class Request:
@@ -143,9 +148,7 @@ class Connection:
         self._redo: deque[tuple[P.Message, list[Any]]] = deque()
         self._register: P.RegisterClient | None = None
         self._last_sent = time.monotonic()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)  # a full pipe wakes the thread anyway
+        self._wake = _Waker()  # the I/O thread's
         self._requests: dict[int, Request] = {}
         self._req = itertools.count(1)
         self._stop = threading.Event()
@@ -157,7 +160,6 @@ class Connection:
         self._thread = threading.Thread(
             target=self._run, name="zdist-client-io", daemon=True
         )
-        self.io_thread = self._thread
 
     # --- user side --------------------------------------------------------------------
 
@@ -231,10 +233,7 @@ class Connection:
     def wake(self) -> None:
         """Have the I/O thread run a loop turn (and send pending releases)."""
         if not self.closed:
-            try:
-                os.write(self._wake_w, b"x")
-            except BlockingIOError:  # full: it has plenty to wake it
-                pass
+            self._wake.wake()
 
     def defer_callbacks(self, callbacks: list[Callable[[], None]]) -> None:
         """Run these future callbacks on the I/O thread, after the read that
@@ -336,10 +335,7 @@ class Connection:
             return
         self.closed = True
         self._stop.set()
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self._wake.wake()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(5)
         for slot in list(self._requests.values()):
@@ -349,7 +345,7 @@ class Connection:
 
     def _run(self) -> None:
         poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._wake.r, select.POLLIN)
         watching = False  # the socket's descriptor is in the poll set
         self._last_sent = time.monotonic()
         try:
@@ -372,12 +368,8 @@ class Connection:
                     poller.unregister(self._rx_fd)
                     watching = False
                 events = poller.poll(250 if nobody_waits else WAITER_TICK_MS)
-                if any(fd == self._wake_r for fd, _ in events):
-                    try:
-                        while os.read(self._wake_r, 65536):
-                            pass
-                    except BlockingIOError:
-                        pass
+                if any(fd == self._wake.r for fd, _ in events):
+                    self._wake.drain()
                 self._run_deferred()
                 released = self._take_releases()
                 if released and not self._stop.is_set():
@@ -411,8 +403,7 @@ class Connection:
                 self.out.close(linger=0)
             self._run_deferred()
             self.ctx.term()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._wake.close()
 
     def _run_deferred(self) -> None:
         while self._deferred:

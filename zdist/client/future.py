@@ -65,8 +65,9 @@ class FutureState:
         text: str,
         defer: Callable[[list[Callable[[], None]]], None] | None = None,
     ) -> None:
-        """Settle the state; callbacks run here, or are handed to ``defer`` (the I/O
-        thread's queue, when a waiting user thread read the message)."""
+        """Settle the state. Callbacks are handed to ``defer`` (the connection's I/O
+        thread queue) while the connection runs; without it (after close) they run
+        here."""
         with self.lock:
             if self.done and status == self.status:
                 return
