@@ -1,4 +1,5 @@
-"""Addresses: interfaces to IPs, and the local IP that reaches a peer."""
+"""Addresses: interfaces to IPs, the local IP that reaches a peer, and the two kinds of
+broker address (``tcp://host:port``, and ``ipc:///path`` for same-host peers)."""
 
 from __future__ import annotations
 
@@ -43,10 +44,32 @@ def local_ip_towards(host: str) -> str:
         return socket.gethostbyname(socket.gethostname())
 
 
+IPC = "ipc://"
+#: The longest path a Unix socket can have (sun_path is 108 bytes with its NUL).
+MAX_IPC_PATH = 107
+
+
+def is_ipc(address: str) -> bool:
+    """Whether ``address`` is a Unix socket on this host (``ipc:///path``): the kernel
+    checks who connects to it, so it carries no CurveZMQ (see zdist.security)."""
+    return address.startswith(IPC)
+
+
 def split_address(address: str) -> tuple[str, int]:
-    """``tcp://host:port`` -> (host, port), with a clear error for anything else."""
+    """``tcp://host:port`` -> (host, port), with a clear error for anything else;
+    ``ipc:///path`` (same host) -> ("127.0.0.1", 0)."""
+    if isinstance(address, str) and is_ipc(address):
+        path = address[len(IPC) :]
+        if not path.startswith("/") or len(path.encode()) > MAX_IPC_PATH:
+            raise ZdistError(
+                f"expected an address like ipc:///absolute/path (at most "
+                f"{MAX_IPC_PATH} bytes), got {address!r}"
+            )
+        return "127.0.0.1", 0
     if not isinstance(address, str) or not address.startswith("tcp://"):
-        raise ZdistError(f"expected an address like tcp://host:port, got {address!r}")
+        raise ZdistError(
+            f"expected an address like tcp://host:port or ipc:///path, got {address!r}"
+        )
     host, _, port = address[len("tcp://") :].rpartition(":")
     if not host or not port.isdigit():
         raise ZdistError(f"expected an address like tcp://host:port, got {address!r}")

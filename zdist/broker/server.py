@@ -23,7 +23,7 @@ from zdist.broker.dashboard import Dashboard
 from zdist.broker.state import BrokerConfig, BrokerState
 from zdist.logs import RateLimitedLog, log_buffer
 from zdist.net import interface_ip
-from zdist.security import Security
+from zdist.security import Security, bind_local_socket
 from zdist.wire import recv_ready, send_frames
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ class ServerConfig:
     max_message_bytes: int = P.MAX_MESSAGE_BYTES_DEFAULT
     #: ``":8787"`` serves the dashboard on localhost:8787; None turns it off.
     dashboard_address: str | None = None
+    #: Also listen on a Unix socket at this path, for peers on this host (see
+    #: zdist.security.bind_local_socket); its directory must be private.
+    local_socket: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,6 +67,11 @@ class BrokerServer:
         )
         self.sock.sndhwm = 0
         self.sock.rcvhwm = 0
+        self.local_address: str | None = None
+        if config.local_socket:
+            self.local_address = bind_local_socket(
+                self.sock, config.local_socket, security
+            )
         if security:
             security.configure_server(self.sock)
         host = interface_ip(config.interface) if config.interface else config.host

@@ -89,7 +89,9 @@ class Client:
             if security is None:
                 # A cluster object knows its keys; None there means security is off.
                 security = address.security if address.security is not None else False
-            address = address.scheduler_address
+            # A LocalCluster's own Unix socket when it has one (zdist.security).
+            local = getattr(address, "local_address", None)
+            address = local or address.scheduler_address
         sec_info: dict[str, Any] = {}
         if scheduler_file is not None:
             sec_info = wait_for_scheduler_file(scheduler_file, timeout)

@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -47,10 +49,13 @@ class BrokerProcess:
         timeout: float = 30,
         dashboard_address: str | None = None,
         wait: bool = True,
+        local_socket: str | None = None,
     ) -> None:
         """Start ``zbroker``; with ``wait=False`` return at once and let the caller
-        call :meth:`wait_ready` (meanwhile ``address`` is empty)."""
+        call :meth:`wait_ready` (meanwhile ``address`` is empty). ``local_socket``: a
+        path for its Unix socket (``local_address``) too."""
         self.dashboard_link: str | None = None
+        self.local_address: str | None = None
         self.address = ""
         args = [
             sys.executable,
@@ -71,7 +76,14 @@ class BrokerProcess:
             args += ["--scheduler-file", scheduler_file]
         args += ["--security-file", "-"] if security else ["--no-security"]
         args += ["--dashboard-address", dashboard_address or "none"]
-        self._wants_dashboard = bool(dashboard_address)
+        if local_socket:
+            args += ["--local-socket", local_socket]
+        # The lines it prints once it listens, in this order.
+        self._expect = ["listening at "]
+        if local_socket:
+            self._expect.append("local socket at ")
+        if dashboard_address:
+            self._expect.append("dashboard at ")
         self.proc = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
@@ -95,13 +107,12 @@ class BrokerProcess:
         result: list[str] = []
 
         def read() -> None:
-            # The broker prints its address, then its dashboard link (if it has one).
+            # The broker prints its address, then its local socket and dashboard link
+            # (if it has them).
             for raw in iter(stdout.readline, b""):
                 line = raw.decode()
                 result.append(line)
-                if "dashboard at " in line or (
-                    "listening at " in line and not self._wants_dashboard
-                ):
+                if self._expect[-1] in line:
                     return
 
         reader = threading.Thread(target=read, daemon=True)
@@ -110,6 +121,8 @@ class BrokerProcess:
         for line in result:
             if "dashboard at " in line:
                 self.dashboard_link = line.split("dashboard at ", 1)[1].strip()
+            if "local socket at " in line:
+                self.local_address = line.split("local socket at ", 1)[1].strip()
         line = result[0] if result else ""
         if "listening at " not in line:
             self.close()
@@ -300,6 +313,7 @@ class LocalCluster:
         }
         if unknown:
             raise TypeError(f"LocalCluster got unexpected arguments: {sorted(unknown)}")
+        use_ipc = _use_local_socket(kwargs.get("protocol"), processes)
         cores = os.cpu_count() or 1
         if n_workers is None and threads_per_worker is None:
             if processes:
@@ -337,6 +351,11 @@ class LocalCluster:
         self._client: Any = None
         self.dashboard_link: str | None = None
         self.scheduler_address = ""
+        #: Where this cluster's own workers and ``Client(cluster)`` connect: the
+        #: broker's Unix socket (zdist.security.bind_local_socket), else None and
+        #: they use ``scheduler_address``.
+        self.local_address: str | None = None
+        self._socket_dir = _private_socket_dir() if use_ipc else None
         if processes:
             self._broker_proc = BrokerProcess(
                 self.security,
@@ -345,6 +364,8 @@ class LocalCluster:
                 log_level=self._log_level,
                 dashboard_address=dashboard_address,
                 wait=False,
+                local_socket=self._socket_dir
+                and os.path.join(self._socket_dir, "broker.sock"),
             )
             self.broker_pid = self._broker_proc.pid
         else:
@@ -372,6 +393,7 @@ class LocalCluster:
             self.workers,
             self._broker_proc,
             self._broker_thread and self._server,
+            self._socket_dir,
         )
         try:
             # Workers first: they start with no address and wait for it on stdin, so
@@ -380,8 +402,9 @@ class LocalCluster:
             if self._broker_proc is not None:
                 self.scheduler_address = self._broker_proc.wait_ready(timeout)
                 self.dashboard_link = self._broker_proc.dashboard_link
+                self.local_address = self._broker_proc.local_address
                 for w in self.workers.values():
-                    w.connect(self.scheduler_address)
+                    w.connect(self.local_address or self.scheduler_address)
             self._wait_for_workers(n_workers, timeout)
         except BaseException:
             self.close()
@@ -394,7 +417,7 @@ class LocalCluster:
             from zdist.client.client import Client
 
             self._client = Client(
-                self.scheduler_address,
+                self.local_address or self.scheduler_address,
                 security=self.security or False,
                 set_as_default=False,
                 timeout=self.timeout,
@@ -419,7 +442,7 @@ class LocalCluster:
         self._counter += 1
         if self.processes:
             self.workers[name] = WorkerProcess(
-                self.scheduler_address or None,
+                self.local_address or self.scheduler_address or None,
                 self.security,
                 name,
                 self.threads_per_worker or 1,
@@ -494,8 +517,37 @@ class LocalCluster:
         )
 
 
+def _use_local_socket(protocol: Any, processes: bool) -> bool:
+    """Whether a cluster's own processes talk over a Unix socket: by default with
+    processes (dask's ``protocol=`` picks the transport; "tcp" keeps everything on
+    TCP with CurveZMQ)."""
+    name = (protocol or "").rstrip(":/")
+    if name not in ("", "tcp", "ipc", "inproc"):
+        raise ValueError(
+            f"LocalCluster(protocol={protocol!r}): zdist supports 'tcp' and 'ipc' "
+            f"(and 'inproc' with processes=False)"
+        )
+    if name == "inproc" and processes:
+        raise ValueError("LocalCluster(protocol='inproc') needs processes=False")
+    if name == "ipc" and not processes:
+        raise ValueError("LocalCluster(protocol='ipc') needs processes=True")
+    return processes and name in ("", "ipc")
+
+
+def _private_socket_dir() -> str:
+    """A fresh directory only we can enter (mkdtemp makes it 0700), short enough for
+    a Unix socket path."""
+    base = tempfile.gettempdir()
+    if len(base) > 80:  # a socket path has at most 107 bytes
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix="zdist-", dir=base)
+
+
 def _shutdown(
-    workers: dict[str, Any], broker: BrokerProcess | None, server: Any
+    workers: dict[str, Any],
+    broker: BrokerProcess | None,
+    server: Any,
+    socket_dir: str | None = None,
 ) -> None:
     ws = list(workers.values())
     workers.clear()
@@ -510,3 +562,5 @@ def _shutdown(
         broker.close()
     if server:
         server.stop()
+    if socket_dir:
+        shutil.rmtree(socket_dir, ignore_errors=True)

@@ -1,0 +1,353 @@
+"""Same-host peers on a Unix socket: only the broker's own user gets in.
+
+A LocalCluster's workers and ``Client(cluster)`` talk to the broker over a Unix socket
+(``ipc://``) in a directory only its owner can enter, instead of CurveZMQ over TCP; the
+broker's ZAP handler also refuses any peer whose user id (from the kernel) is not its
+own. The attacks here connect as another user (``nobody``, from a forked child that
+drops root) and send the same well-formed messages as test_security's attackers; a
+positive control sends them as the broker's own user and sees them served.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tasks
+import zmq
+from test_security import (
+    WATCH,
+    _register_worker,
+    _start_zbroker,
+    _start_zworker,
+    _stop,
+    _submit_markers,
+)
+from utils import wait_for
+
+from zdist import Client, LocalCluster
+from zdist import protocol as P
+from zdist._version import versions
+from zdist.errors import SecurityError
+from zdist.security import (
+    CURVE_DOMAIN,
+    LOCAL_DOMAIN,
+    Security,
+    bind_local_socket,
+    null_peer_allowed,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+NOBODY = 65534
+
+
+def _require_root() -> None:
+    """Connecting as another user needs root (to drop to it); CI runs as root."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but not root: the other-user attacks cannot run")
+        pytest.skip("needs root to connect as another user")
+
+
+# ======================================================================================
+# the ZAP rule and the bind checks, without a broker
+
+
+def test_null_peer_rule_admits_only_our_uid_on_the_local_domain() -> None:
+    me = os.geteuid()
+    assert null_peer_allowed(LOCAL_DOMAIN, f"localhost:{me}:0:123".encode())
+    assert null_peer_allowed(LOCAL_DOMAIN, f":{me}:5:9".encode())
+    assert not null_peer_allowed(LOCAL_DOMAIN, f"localhost:{me + 1}:0:123".encode())
+    assert not null_peer_allowed(LOCAL_DOMAIN, b"localhost:abc:0:1")
+    # No credentials in the address (TCP, or a libzmq without SO_PEERCRED): refused.
+    assert not null_peer_allowed(LOCAL_DOMAIN, b"127.0.0.1")
+    assert not null_peer_allowed(LOCAL_DOMAIN, b"")
+    # Unencrypted peers on any other listener: refused whatever the address says.
+    assert not null_peer_allowed(CURVE_DOMAIN, f"localhost:{me}:0:1".encode())
+    assert not null_peer_allowed(b"", f"localhost:{me}:0:1".encode())
+
+
+@pytest.fixture
+def router() -> Iterator[zmq.Socket[Any]]:
+    ctx: zmq.Context[Any] = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.linger = 0
+    yield sock
+    ctx.destroy(linger=0)
+
+
+def test_bind_refuses_a_directory_others_can_enter(
+    router: zmq.Socket[Any], tmp_path: Path
+) -> None:
+    d = tmp_path / "open"
+    d.mkdir()
+    d.chmod(0o755)
+    with pytest.raises(SecurityError, match="closed to others"):
+        bind_local_socket(router, str(d / "b.sock"), Security.temporary())
+    assert not (d / "b.sock").exists()
+
+
+def test_bind_refuses_a_directory_of_another_user(
+    router: zmq.Socket[Any], tmp_path: Path
+) -> None:
+    _require_root()
+    d = tmp_path / "theirs"
+    d.mkdir(mode=0o700)
+    os.chown(d, NOBODY, NOBODY)
+    with pytest.raises(SecurityError, match="belong to you"):
+        bind_local_socket(router, str(d / "b.sock"), None)
+
+
+def test_bind_refuses_bad_paths_and_curve_first(
+    router: zmq.Socket[Any], tmp_path: Path
+) -> None:
+    with pytest.raises(SecurityError, match="absolute"):
+        bind_local_socket(router, "relative.sock", None)
+    with pytest.raises(SecurityError, match="107 bytes"):
+        bind_local_socket(router, "/tmp/" + "x" * 120, None)
+    Security.temporary().configure_server(router)
+    with pytest.raises(SecurityError, match="before CurveZMQ"):
+        bind_local_socket(router, str(tmp_path / "b.sock"), None)
+
+
+def test_bind_makes_the_socket_owner_only(
+    router: zmq.Socket[Any], tmp_path: Path
+) -> None:
+    d = tmp_path / "private"
+    d.mkdir(mode=0o700)
+    address = bind_local_socket(router, str(d / "b.sock"), Security.temporary())
+    assert address == f"ipc://{d}/b.sock"
+    assert stat.S_IMODE((d / "b.sock").stat().st_mode) == 0o600
+
+
+# ======================================================================================
+# LocalCluster
+
+
+def test_local_cluster_uses_a_private_socket() -> None:
+    with LocalCluster(n_workers=1, threads_per_worker=1) as cluster:
+        local = cluster.local_address
+        assert local is not None and local.startswith("ipc://")
+        path = Path(local[len("ipc://") :])
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        # TCP stays what dask users see, secured with CurveZMQ.
+        assert cluster.scheduler_address.startswith("tcp://")
+        with Client(cluster, set_as_default=False) as c:
+            assert c._conn.address == local
+            assert c.scheduler_address == cluster.scheduler_address
+            assert c.submit(tasks.inc, 1).result(timeout=60) == 2
+        # And over TCP, with the cluster's keys.
+        with Client(
+            cluster.scheduler_address, security=cluster.security, set_as_default=False
+        ) as c:
+            assert c.submit(tasks.inc, 2).result(timeout=60) == 3
+    assert not path.parent.exists()
+
+
+def test_local_cluster_protocol_tcp_has_no_socket() -> None:
+    with LocalCluster(n_workers=1, threads_per_worker=1, protocol="tcp://") as cluster:
+        assert cluster.local_address is None
+        with Client(cluster, set_as_default=False) as c:
+            assert c._conn.address == cluster.scheduler_address
+            assert c.submit(tasks.inc, 1).result(timeout=60) == 2
+
+
+@pytest.mark.parametrize(
+    "protocol, processes, match",
+    [
+        ("ucx", True, "supports 'tcp' and 'ipc'"),
+        ("inproc://", True, "needs processes=False"),
+        ("ipc", False, "needs processes=True"),
+    ],
+)
+def test_local_cluster_refuses_other_protocols(
+    protocol: str, processes: bool, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        LocalCluster(n_workers=0, processes=processes, protocol=protocol)
+
+
+def test_zbroker_refuses_a_local_socket_in_an_open_directory(tmp_path: Path) -> None:
+    d = tmp_path / "open"
+    d.mkdir()
+    d.chmod(0o755)
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "zdist.broker", "--no-security", "--port", "0"),
+            *("--dashboard-address", "none", "--local-socket", str(d / "b.sock")),
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "closed to others (chmod 700)" in done.stderr
+    assert "listening at" not in done.stdout
+
+
+# ======================================================================================
+# attacks on a live broker's local socket
+
+
+@dataclass
+class LocalBroker:
+    local: str
+    socket_dir: Path
+    client: Client
+    log: Path
+    broker: subprocess.Popen[bytes]
+
+
+@pytest.fixture(scope="module")
+def local_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    """``zbroker --local-socket`` with security on, and a ``zworker`` that reaches it
+    through that socket (so a task admitted there would run)."""
+    d = tmp_path_factory.mktemp("local-broker")
+    # Directly under /tmp (mkdtemp: mode 0700), not under pytest's own private
+    # directory, which would keep another user out before the socket's checks do.
+    socket_dir = Path(tempfile.mkdtemp(prefix="zdist-test-"))
+    sched = d / "scheduler.json"
+    log = d / "broker.log"
+    broker, _ = _start_zbroker(
+        sched,
+        "--port",
+        "0",
+        "--dashboard-address",
+        "none",
+        "--local-socket",
+        str(socket_dir / "b.sock"),
+        log=log,
+    )
+    local = f"ipc://{socket_dir}/b.sock"
+    worker = _start_zworker(
+        local, "--security-file", str(sched), "--name", "local", log=d / "worker.log"
+    )
+    try:
+        with Client(
+            local, security=Security.from_file(sched), set_as_default=False
+        ) as c:
+            c.wait_for_workers(1, timeout=60)
+            yield LocalBroker(local, socket_dir, c, log, broker)
+    finally:
+        _stop(worker)
+        _stop(broker)
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def _attack_as(uid: int | None, address: str, markers: list[Path]) -> int:
+    """From a forked child (as ``uid``; None: as we are), send a client's and a
+    worker's messages to ``address``; the number of replies it got within WATCH s."""
+    submit, payload = _submit_markers(markers)
+    messages = [
+        P.encode(P.RegisterClient("attacker", versions())),
+        P.encode(submit, payload),
+        P.encode(P.InfoRequest(1, "scheduler_info")),
+    ]
+    as_worker = [P.encode(_register_worker([])), P.encode(P.Heartbeat({}))]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest, no inherited zmq state, exit without cleanup
+        code = 1
+        try:
+            os.close(r)
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            ctx: zmq.Context[Any] = zmq.Context()
+            socks = []
+            for role, batch in (("c", messages), ("w", as_worker)):
+                s = ctx.socket(zmq.DEALER)
+                s.linger = 0
+                s.identity = f"{role}-attacker-{os.getpid()}".encode()
+                s.connect(address)
+                for frames in batch:
+                    try:
+                        s.send_multipart(frames, zmq.NOBLOCK)
+                    except zmq.Again:  # no connection: the message is lost
+                        pass
+                socks.append(s)
+            got = 0
+            poller = zmq.Poller()
+            for s in socks:
+                poller.register(s, zmq.POLLIN)
+            for s, _ in poller.poll(WATCH * 1000):
+                s.recv_multipart()
+                got += 1
+            os.write(w, str(got).encode())
+            ctx.destroy(linger=0)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the attacking child failed"
+    return int(out)
+
+
+def _still_serves(lb: LocalBroker) -> None:
+    futures = lb.client.map(tasks.inc, range(10), pure=False)
+    assert lb.client.gather(futures) == list(range(1, 11))
+    assert lb.broker.poll() is None
+    names = [w["name"] for w in lb.client.scheduler_info()["workers"].values()]
+    assert names == ["local"]
+
+
+def test_another_user_cannot_reach_the_local_socket(
+    local_broker: LocalBroker, tmp_path: Path
+) -> None:
+    _require_root()
+    tmp_path.chmod(0o777)  # so that markers could be written, were a task admitted
+    markers = [tmp_path / "touched", tmp_path / "lambda-ran"]
+    assert _attack_as(NOBODY, local_broker.local, markers) == 0
+    _still_serves(local_broker)
+    assert not any(m.exists() for m in markers), "another user's task ran"
+
+
+def test_zap_refuses_another_user_even_through_an_open_directory(
+    local_broker: LocalBroker, tmp_path: Path
+) -> None:
+    """The second lock: with the directory and socket opened up by mistake, the
+    broker still refuses a peer whose kernel-reported uid is not its own."""
+    _require_root()
+    tmp_path.chmod(0o777)
+    markers = [tmp_path / "touched", tmp_path / "lambda-ran"]
+    sock = local_broker.socket_dir / "b.sock"
+    local_broker.socket_dir.chmod(0o755)
+    sock.chmod(0o666)
+    try:
+        assert _attack_as(NOBODY, local_broker.local, markers) == 0
+    finally:
+        local_broker.socket_dir.chmod(0o700)
+        sock.chmod(0o600)
+    _still_serves(local_broker)
+    assert not any(m.exists() for m in markers), "another user's task ran"
+    wait_for(
+        lambda: "refused a local-socket connection" in local_broker.log.read_text(),
+        30,
+        what="the broker to log the refusal",
+    )
+
+
+def test_our_own_user_is_served_on_the_local_socket(
+    local_broker: LocalBroker, tmp_path: Path
+) -> None:
+    """Positive control: the attacker's child, not dropping its user, gets replies
+    and its tasks run (so the refusals above are the user id's doing)."""
+    markers = [tmp_path / "touched", tmp_path / "lambda-ran"]
+    assert _attack_as(None, local_broker.local, markers) >= 1
+    wait_for(lambda: all(m.exists() for m in markers), 60, what="the probe's tasks")
