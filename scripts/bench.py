@@ -31,8 +31,9 @@ Workloads (sizes for the full run; --quick divides them by ~10):
                  1,000 x 1,000 chunks, via client.compute            s
 Security rows run W1 and W2 on fresh zdist clusters, one with security on and one
 off per repetition, in alternating order, 3 samples of each per cluster after an
-untimed W2; every other zdist row runs with security
-on (its default). With W1, the W1 floor row times
+untimed W2: at LocalCluster's default (its processes on the broker's Unix socket) and
+with protocol="tcp" (CurveZMQ on every message); every other zdist row runs with
+security on (its default). With W1, the W1 floor row times
 2,000 round trips over the same four hops in bare pyzmq (bench_floor.py).
 
 Beside it: bench_floor.py (W1's floor), bench_tasks.py (the task functions workers
@@ -237,7 +238,9 @@ class Backend:
     has_security = False
     supports_futures_as_args = True
 
-    def cluster(self, security: bool = True) -> contextlib.AbstractContextManager[Any]:
+    def cluster(
+        self, security: bool = True, protocol: str | None = None
+    ) -> contextlib.AbstractContextManager[Any]:
         raise NotImplementedError
 
     def scheduler_pid(self, cluster: Any) -> int:
@@ -270,10 +273,12 @@ class ZdistBackend(Backend):
     name = "zdist"
     has_security = True
 
-    def cluster(self, security: bool = True) -> contextlib.AbstractContextManager[Any]:
+    def cluster(
+        self, security: bool = True, protocol: str | None = None
+    ) -> contextlib.AbstractContextManager[Any]:
         from zdist import Client, LocalCluster
 
-        return _open_cluster(LocalCluster, Client, security=security)
+        return _open_cluster(LocalCluster, Client, security=security, protocol=protocol)
 
     def scheduler_pid(self, cluster: Any) -> int:
         pid = getattr(cluster, "broker_pid", None)
@@ -288,7 +293,9 @@ class ZdistBackend(Backend):
 class DaskBackend(Backend):
     name = "dask"
 
-    def cluster(self, security: bool = True) -> contextlib.AbstractContextManager[Any]:
+    def cluster(
+        self, security: bool = True, protocol: str | None = None
+    ) -> contextlib.AbstractContextManager[Any]:
         from dask.distributed import Client, LocalCluster
 
         # dask at its default configuration; only the dashboard is off.
@@ -323,7 +330,9 @@ class PpeBackend(Backend):
     supports_futures_as_args = False
 
     @contextlib.contextmanager
-    def cluster(self, security: bool = True) -> Iterator[tuple[Any, Any]]:
+    def cluster(
+        self, security: bool = True, protocol: str | None = None
+    ) -> Iterator[tuple[Any, Any]]:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
@@ -348,6 +357,10 @@ Result = dict[str, float]
 Samples = dict[str, list[float]]
 #: Security rows: samples of each workload per fresh cluster (see _security_pair).
 SECURITY_SAMPLES = 3
+#: The security rows' transports, with their row suffix: LocalCluster's default (its
+#: own processes on the broker's Unix socket, checked by the kernel) and TCP, where
+#: security is CurveZMQ on every message (what workers on other hosts use).
+SECURITY_PROTOCOLS = {None: "", "tcp": "tcp-"}
 
 
 def w1_latency(client: Any, n: int) -> Result:
@@ -696,19 +709,21 @@ class Runner:
         self._pairs += 1
         order = (True, False) if self._pairs % 2 else (False, True)
         out: Samples = {}
-        for security in order:
-            with backend.cluster(security=security) as (client, _):
-                self._warm(client)
-                suffix = "secon" if security else "secoff"
-                if "W2" in workloads:
-                    w2_throughput(client, self.sizes.w2_items)
-                for _ in range(SECURITY_SAMPLES):
-                    if "W1" in workloads:
-                        w1 = w1_latency(client, self.sizes.w1_trips)["W1"]
-                        out.setdefault(f"W1-{suffix}", []).append(w1)
+        for protocol, prefix in SECURITY_PROTOCOLS.items():
+            for security in order:
+                cluster = backend.cluster(security=security, protocol=protocol)
+                with cluster as (client, _):
+                    self._warm(client)
+                    suffix = prefix + ("secon" if security else "secoff")
                     if "W2" in workloads:
-                        w2 = w2_throughput(client, self.sizes.w2_items)["W2"]
-                        out.setdefault(f"W2-{suffix}", []).append(w2)
+                        w2_throughput(client, self.sizes.w2_items)
+                    for _ in range(SECURITY_SAMPLES):
+                        if "W1" in workloads:
+                            w1 = w1_latency(client, self.sizes.w1_trips)["W1"]
+                            out.setdefault(f"W1-{suffix}", []).append(w1)
+                        if "W2" in workloads:
+                            w2 = w2_throughput(client, self.sizes.w2_items)["W2"]
+                            out.setdefault(f"W2-{suffix}", []).append(w2)
         return out, {"order": ["on" if s else "off" for s in order]}
 
     @staticmethod
@@ -723,18 +738,17 @@ class Runner:
         """Security cost in percent from the medians of the paired fresh clusters
         (see _security_pair): >0 means security on is slower."""
         z = self.results.get("zdist", {})
-        if "W1-secon" in z and "W1-secoff" in z:
-            m = Measurement(
-                "SEC-W1", [(z["W1-secon"].median / z["W1-secoff"].median - 1) * 100]
-            )
-            m.checked, m.extra = True, {"derived_from": ["W1-secon", "W1-secoff"]}
-            z["SEC-W1"] = m
-        if "W2-secon" in z and "W2-secoff" in z:
-            m = Measurement(
-                "SEC-W2", [(z["W2-secoff"].median / z["W2-secon"].median - 1) * 100]
-            )
-            m.checked, m.extra = True, {"derived_from": ["W2-secon", "W2-secoff"]}
-            z["SEC-W2"] = m
+        for prefix in SECURITY_PROTOCOLS.values():
+            for w in ("W1", "W2"):
+                on, off = f"{w}-{prefix}secon", f"{w}-{prefix}secoff"
+                if on not in z or off not in z:
+                    continue
+                # W1 is a time (lower is better), W2 a rate: both as "% slower".
+                slow, fast = (on, off) if w == "W1" else (off, on)
+                row = f"SEC-{prefix.upper()}{w}"
+                m = Measurement(row, [(z[slow].median / z[fast].median - 1) * 100])
+                m.checked, m.extra = True, {"derived_from": [on, off]}
+                z[row] = m
 
 
 # ------------------------------------------------------------------------- main

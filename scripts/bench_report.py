@@ -44,6 +44,18 @@ ROWS: dict[str, RowSpec] = {
             False,
         ),
         RowSpec(
+            "W1-tcp-secon",
+            "W1 latency over TCP, security on (paired clusters)",
+            f"{MU}s per round trip",
+            False,
+        ),
+        RowSpec(
+            "W1-tcp-secoff",
+            "W1 latency over TCP, security off (paired clusters)",
+            f"{MU}s per round trip",
+            False,
+        ),
+        RowSpec(
             "W1-floor",
             "W1 floor: bare pyzmq, the same 4 hops, no work",
             f"{MU}s per round trip",
@@ -56,6 +68,18 @@ ROWS: dict[str, RowSpec] = {
         RowSpec(
             "W2-secoff",
             "W2 throughput, security off (paired clusters)",
+            "tasks/s",
+            True,
+        ),
+        RowSpec(
+            "W2-tcp-secon",
+            "W2 throughput over TCP, security on (paired clusters)",
+            "tasks/s",
+            True,
+        ),
+        RowSpec(
+            "W2-tcp-secoff",
+            "W2 throughput over TCP, security off (paired clusters)",
             "tasks/s",
             True,
         ),
@@ -79,9 +103,24 @@ ROWS: dict[str, RowSpec] = {
         RowSpec("W10", "W10 dask.array (x + x.T).mean()", "s", False),
         RowSpec("SEC-W1", "Security cost on W1", "% slower with security", False),
         RowSpec("SEC-W2", "Security cost on W2", "% slower with security", False),
+        RowSpec(
+            "SEC-TCP-W1",
+            "Security cost on W1 over TCP (CurveZMQ)",
+            "% slower with security",
+            False,
+        ),
+        RowSpec(
+            "SEC-TCP-W2",
+            "Security cost on W2 over TCP (CurveZMQ)",
+            "% slower with security",
+            False,
+        ),
     ]
 }
 
+
+#: Derived rows: how much slower security on is, in percent.
+SECURITY_COST = ("SEC-W1", "SEC-W2", "SEC-TCP-W1", "SEC-TCP-W2")
 
 # ------------------------------------------------------------------ the verdicts
 
@@ -155,7 +194,7 @@ def target_for(
         return "<= 1x dask", ratio_at_most(d, 1)
     if row == "W9-idle":
         return "< 10% of a core", None if z is None else z < 10
-    if row in ("SEC-W1", "SEC-W2"):
+    if row in SECURITY_COST:
         return "< 10%", None if z is None else z < 10
     return "", None
 
@@ -171,7 +210,7 @@ def build_table(
         z = results.get("zdist", {}).get(key)
         d = medians.get("dask", {}).get(key)
         p = medians.get("ppe", {}).get(key)
-        comparable = key not in ("W8", "SEC-W1", "SEC-W2")  # W8 sizes differ
+        comparable = key != "W8" and key not in SECURITY_COST  # W8 sizes differ
         target, met = target_for(key, medians, alive_mib)
         table.append(
             {

@@ -30,6 +30,10 @@ TIMED_ROWS = [
     "W2",
     "W2-secon",
     "W2-secoff",
+    "W1-tcp-secon",
+    "W1-tcp-secoff",
+    "W2-tcp-secon",
+    "W2-tcp-secoff",
     "W3",
     "W4",
     "W5",
@@ -44,7 +48,7 @@ TIMED_ROWS = [
 # freed by earlier workloads. So can an idle broker's CPU share over 1 s.
 MEMORY_ROWS = ["W5-mem", "W8-mem", "W9-idle"]
 # Derived percentages: negative when security on happened to run faster.
-SECURITY_COST_ROWS = ["SEC-W1", "SEC-W2"]
+SECURITY_COST_ROWS = ["SEC-W1", "SEC-W2", "SEC-TCP-W1", "SEC-TCP-W2"]
 ALL_ROWS = TIMED_ROWS + MEMORY_ROWS + SECURITY_COST_ROWS
 
 
