@@ -29,11 +29,12 @@ Workloads (sizes for the full run; --quick divides them by ~10):
                  then 300 sequential submit().result()          us per round trip
   W10 dask.array (x + x.T).mean() of a 10,000 x 10,000 random array in
                  1,000 x 1,000 chunks, via client.compute            s
-Security rows run W1 and W2 on fresh zdist clusters, one with security on and one
-off per repetition, in alternating order, 3 samples of each per cluster after an
-untimed W2: at LocalCluster's default (its processes on the broker's Unix socket) and
-with protocol="tcp" (CurveZMQ on every message); every other zdist row runs with
-security on (its default). With W1, the W1 floor row times
+Security rows run W1 and W2 on two fresh zdist clusters per repetition, one with
+security on and one off, alive together; each of 4 samples runs on one and then the
+other, and the cost is the median of those paired ratios. Both at LocalCluster's
+default (its processes on the broker's Unix socket) and with protocol="tcp"
+(CurveZMQ on every message); every other zdist row runs with security on (its
+default). With W1, the W1 floor row times
 2,000 round trips over the same four hops in bare pyzmq (bench_floor.py).
 
 Beside it: bench_floor.py (W1's floor), bench_tasks.py (the task functions workers
@@ -355,8 +356,9 @@ def make_backend(name: str) -> Backend:
 Result = dict[str, float]
 #: Several values of one row from one repetition (each counts towards the median).
 Samples = dict[str, list[float]]
-#: Security rows: samples of each workload per fresh cluster (see _security_pair).
-SECURITY_SAMPLES = 3
+#: Security rows: paired on/off samples of each workload per repetition (see
+#: _security_pair).
+SECURITY_SAMPLES = 4
 #: The security rows' transports, with their row suffix: LocalCluster's default (its
 #: own processes on the broker's Unix socket, checked by the kernel) and TCP, where
 #: security is CurveZMQ on every message (what workers on other hosts use).
@@ -699,32 +701,46 @@ class Runner:
     def _security_pair(
         self, backend: Backend, workloads: list[str]
     ) -> tuple[Samples, dict[str, Any]]:
-        """One repetition of the security rows: the workloads on a fresh cluster with
-        security on and on one with it off, in alternating order. W1 differs by up to
-        +-20% from one cluster to the next on this VM (where its processes land),
-        more than security costs: comparing one cluster of each swung the W1 cost
-        between -19% and +29% from run to run. So each cluster also runs W2 once
-        untimed (the first W2 on a fresh cluster is its slowest), then each workload
-        SECURITY_SAMPLES times; every sample counts towards the row's median."""
+        """One repetition of the security rows, for each transport: a fresh cluster
+        with security on and one with it off, both alive, each sample run on one and
+        then the other (alternating which goes first). This VM's speed drifts by up
+        to 40% over seconds (other guests), far more than security costs, and both
+        clusters drift together: so the cost rows are the median of each adjacent
+        on/off sample's ratio, not a ratio of medians (which swung by +-15% on
+        clusters that differ in nothing per message). Each cluster runs W2 once
+        untimed first (the first W2 on a fresh cluster is its slowest)."""
         self._pairs += 1
-        order = (True, False) if self._pairs % 2 else (False, True)
         out: Samples = {}
         for protocol, prefix in SECURITY_PROTOCOLS.items():
-            for security in order:
-                cluster = backend.cluster(security=security, protocol=protocol)
-                with cluster as (client, _):
+            with contextlib.ExitStack() as stack:
+                clients = {}
+                for security in (True, False):
+                    cluster = backend.cluster(security=security, protocol=protocol)
+                    clients[security], _ = stack.enter_context(cluster)
+                for client in clients.values():
                     self._warm(client)
-                    suffix = prefix + ("secon" if security else "secoff")
                     if "W2" in workloads:
                         w2_throughput(client, self.sizes.w2_items)
-                    for _ in range(SECURITY_SAMPLES):
-                        if "W1" in workloads:
-                            w1 = w1_latency(client, self.sizes.w1_trips)["W1"]
-                            out.setdefault(f"W1-{suffix}", []).append(w1)
-                        if "W2" in workloads:
-                            w2 = w2_throughput(client, self.sizes.w2_items)["W2"]
-                            out.setdefault(f"W2-{suffix}", []).append(w2)
-        return out, {"order": ["on" if s else "off" for s in order]}
+                for i in range(SECURITY_SAMPLES):
+                    order = (True, False) if (self._pairs + i) % 2 else (False, True)
+                    for w in workloads:
+                        got = {}
+                        for security in order:
+                            if w == "W1":
+                                got[security] = w1_latency(
+                                    clients[security], self.sizes.w1_trips
+                                )["W1"]
+                            else:
+                                got[security] = w2_throughput(
+                                    clients[security], self.sizes.w2_items
+                                )["W2"]
+                            suffix = prefix + ("secon" if security else "secoff")
+                            out.setdefault(f"{w}-{suffix}", []).append(got[security])
+                        # "% slower with security": W1 is a time, W2 a rate.
+                        slow, fast = (True, False) if w == "W1" else (False, True)
+                        cost = (got[slow] / got[fast] - 1) * 100
+                        out.setdefault(f"SEC-{prefix.upper()}{w}", []).append(cost)
+        return out, {}
 
     @staticmethod
     def _warm(client: Any) -> None:
@@ -733,22 +749,6 @@ class Runner:
         base = fresh_base()
         items = list(range(base, base + 4 * N_WORKERS))
         check(client.gather(client.map(tasks.identity, items)), items, "warm-up")
-
-    def derive_security_cost(self) -> None:
-        """Security cost in percent from the medians of the paired fresh clusters
-        (see _security_pair): >0 means security on is slower."""
-        z = self.results.get("zdist", {})
-        for prefix in SECURITY_PROTOCOLS.values():
-            for w in ("W1", "W2"):
-                on, off = f"{w}-{prefix}secon", f"{w}-{prefix}secoff"
-                if on not in z or off not in z:
-                    continue
-                # W1 is a time (lower is better), W2 a rate: both as "% slower".
-                slow, fast = (on, off) if w == "W1" else (off, on)
-                row = f"SEC-{prefix.upper()}{w}"
-                m = Measurement(row, [(z[slow].median / z[fast].median - 1) * 100])
-                m.checked, m.extra = True, {"derived_from": [on, off]}
-                z[row] = m
 
 
 # ------------------------------------------------------------------------- main
@@ -830,7 +830,6 @@ def main(argv: list[str] | None = None) -> int:
         runner.repeat(
             "zdist", "W9", lambda: w9_many_workers(sizes), reps=1, warmup=False
         )
-    runner.derive_security_cost()
     leftovers = reap_leftovers()
 
     alive_mib = sizes.w5_arrays * sizes.w5_array_bytes / MiB

@@ -1,10 +1,11 @@
 """W1's floor: the same four ZeroMQ hops as a zdist round trip, with no work at all.
 
 A client DEALER sends 100 bytes to a broker ROUTER, which passes them to a worker
-DEALER, which sends them back through the broker to the client: three processes,
-CurveZMQ on, TCP on 127.0.0.1. Broker and worker block in a poll between messages as
-zdist's do; the client blocks in recv on its own socket (zdist's client also pays a
-hand-off from its I/O thread to the waiting thread).
+DEALER, which sends them back through the broker to the client: three processes, over
+a Unix socket in a private directory, as a LocalCluster's processes reach their broker
+(zdist.security.bind_local_socket). Broker and worker block in a poll between
+messages as zdist's do; the client blocks in recv on its own socket (as zdist's waiting
+thread reads its own reply).
 Whatever zdist adds to W1 is above this line; a target below it cannot be met by any
 client -> broker -> worker design on these sockets, however little Python it runs.
 
@@ -14,8 +15,10 @@ client -> broker -> worker design on these sockets, however little Python it run
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -24,23 +27,18 @@ import zmq
 QUIT = b"quit"
 
 
-def _client_socket(ctx: zmq.Context[Any], keys: dict[str, bytes]) -> zmq.Socket[Any]:
+def _client_socket(ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
     s = ctx.socket(zmq.DEALER)
     s.linger = 0
-    s.curve_serverkey = keys["server_public"]
-    s.curve_publickey = keys["member_public"]
-    s.curve_secretkey = keys["member_secret"]
     return s
 
 
-def _broker(keys: dict[str, bytes], port: Any) -> None:
+def _broker(address: str, bound: Any) -> None:
     ctx: zmq.Context[Any] = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.linger = 0
-    router.curve_server = True
-    router.curve_publickey = keys["server_public"]
-    router.curve_secretkey = keys["server_secret"]
-    port.value = router.bind_to_random_port("tcp://127.0.0.1")
+    router.bind(address)
+    bound.set()
     peers: dict[bytes, bytes] = {}
     while len(peers) < 2:
         ident, role = router.recv_multipart()
@@ -60,9 +58,9 @@ def _broker(keys: dict[str, bytes], port: Any) -> None:
     ctx.term()
 
 
-def _worker(keys: dict[str, bytes], address: str) -> None:
+def _worker(address: str) -> None:
     ctx: zmq.Context[Any] = zmq.Context()
-    s = _client_socket(ctx, keys)
+    s = _client_socket(ctx)
     s.connect(address)
     s.send(b"worker")
     poller = zmq.Poller()
@@ -80,28 +78,18 @@ def _worker(keys: dict[str, bytes], address: str) -> None:
 def floor_round_trip(n: int = 2000) -> float:
     """Median microseconds of ``n`` client -> broker -> worker -> broker -> client
     round trips, after 200 unmeasured ones."""
-    server_public, server_secret = zmq.curve_keypair()
-    member_public, member_secret = zmq.curve_keypair()
-    keys = {
-        "server_public": server_public,
-        "server_secret": server_secret,
-        "member_public": member_public,
-        "member_secret": member_secret,
-    }
     mp = multiprocessing.get_context("spawn")
-    port = mp.Value("i", 0)
-    broker = mp.Process(target=_broker, args=(keys, port), daemon=True)
+    private = tempfile.mkdtemp(prefix="zdist-floor-")  # mode 0700
+    address = f"ipc://{private}/broker.sock"
+    bound = mp.Event()
+    broker = mp.Process(target=_broker, args=(address, bound), daemon=True)
     broker.start()
-    deadline = time.monotonic() + 60
-    while not port.value:
-        if time.monotonic() > deadline or not broker.is_alive():
-            raise RuntimeError("the floor benchmark's broker did not start")
-        time.sleep(0.01)
-    address = f"tcp://127.0.0.1:{port.value}"
-    worker = mp.Process(target=_worker, args=(keys, address), daemon=True)
+    if not bound.wait(60):
+        raise RuntimeError("the floor benchmark's broker did not start")
+    worker = mp.Process(target=_worker, args=(address,), daemon=True)
     worker.start()
     ctx: zmq.Context[Any] = zmq.Context()
-    s = _client_socket(ctx, keys)
+    s = _client_socket(ctx)
     try:
         s.connect(address)
         s.send(b"client")
@@ -124,6 +112,7 @@ def floor_round_trip(n: int = 2000) -> float:
             p.join(10)
             if p.is_alive():
                 p.kill()
+        shutil.rmtree(private, ignore_errors=True)
     return statistics.median(times) * 1e6
 
 
