@@ -69,6 +69,12 @@ class Unpicklable:
         raise TypeError("this object refuses to be pickled")
 
 
+def broker_address_of_worker(*_: Any) -> str:
+    from zdist import get_worker
+
+    return get_worker().broker_address
+
+
 def return_unpicklable(x: Any = None) -> Unpicklable:
     return Unpicklable()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -26,29 +27,34 @@ import tasks
 import zmq
 from test_security import (
     WATCH,
+    _alive,
     _register_worker,
     _start_zbroker,
     _start_zworker,
     _stop,
     _submit_markers,
 )
-from utils import wait_for
+from utils import descendants, wait_for
 
 from zdist import Client, LocalCluster
 from zdist import protocol as P
 from zdist._version import versions
-from zdist.errors import SecurityError
-from zdist.security import (
+from zdist.client import local
+from zdist.errors import SecurityError, ZdistError
+from zdist.localsocket import (
     CURVE_DOMAIN,
     LOCAL_DOMAIN,
-    Security,
     bind_local_socket,
+    check_local_socket,
     null_peer_allowed,
 )
+from zdist.security import Security
+from zdist.worker.worker import Worker, WorkerConfig
 
 pytestmark = pytest.mark.timeout(120)
 
 NOBODY = 65534
+REFUSED = "refused a local-socket connection"
 
 
 def _require_root() -> None:
@@ -93,7 +99,7 @@ def test_bind_refuses_a_directory_others_can_enter(
     d.mkdir()
     d.chmod(0o755)
     with pytest.raises(SecurityError, match="closed to others"):
-        bind_local_socket(router, str(d / "b.sock"), Security.temporary())
+        bind_local_socket(router, str(d / "b.sock"), zap=True)
     assert not (d / "b.sock").exists()
 
 
@@ -105,19 +111,19 @@ def test_bind_refuses_a_directory_of_another_user(
     d.mkdir(mode=0o700)
     os.chown(d, NOBODY, NOBODY)
     with pytest.raises(SecurityError, match="belong to you"):
-        bind_local_socket(router, str(d / "b.sock"), None)
+        bind_local_socket(router, str(d / "b.sock"), zap=False)
 
 
 def test_bind_refuses_bad_paths_and_curve_first(
     router: zmq.Socket[Any], tmp_path: Path
 ) -> None:
     with pytest.raises(SecurityError, match="absolute"):
-        bind_local_socket(router, "relative.sock", None)
+        bind_local_socket(router, "relative.sock", zap=False)
     with pytest.raises(SecurityError, match="107 bytes"):
-        bind_local_socket(router, "/tmp/" + "x" * 120, None)
+        bind_local_socket(router, "/tmp/" + "x" * 120, zap=False)
     Security.temporary().configure_server(router)
     with pytest.raises(SecurityError, match="before CurveZMQ"):
-        bind_local_socket(router, str(tmp_path / "b.sock"), None)
+        bind_local_socket(router, str(tmp_path / "b.sock"), zap=False)
 
 
 def test_bind_makes_the_socket_owner_only(
@@ -125,9 +131,93 @@ def test_bind_makes_the_socket_owner_only(
 ) -> None:
     d = tmp_path / "private"
     d.mkdir(mode=0o700)
-    address = bind_local_socket(router, str(d / "b.sock"), Security.temporary())
+    address = bind_local_socket(router, str(d / "b.sock"), zap=True)
     assert address == f"ipc://{d}/b.sock"
     assert stat.S_IMODE((d / "b.sock").stat().st_mode) == 0o600
+
+
+def test_bind_never_removes_a_file_or_a_live_socket(
+    router: zmq.Socket[Any], tmp_path: Path
+) -> None:
+    """libzmq unlinks whatever is at an ipc path before it binds."""
+    d = tmp_path / "private"
+    d.mkdir(mode=0o700)
+    precious = d / "precious.txt"
+    precious.write_text("data")
+    with pytest.raises(SecurityError, match="not a socket of yours"):
+        bind_local_socket(router, str(precious), zap=False)
+    assert precious.read_text() == "data"
+    bind_local_socket(router, str(d / "b.sock"), zap=False)
+    other = router.context.socket(zmq.ROUTER)
+    try:
+        with pytest.raises(SecurityError, match="another broker is listening"):
+            bind_local_socket(other, str(d / "b.sock"), zap=False)
+    finally:
+        other.close(linger=0)
+
+
+def test_bind_replaces_a_stale_socket(router: zmq.Socket[Any], tmp_path: Path) -> None:
+    d = tmp_path / "private"
+    d.mkdir(mode=0o700)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(d / "b.sock"))
+    stale.close()  # the file stays, nobody listens: a broker that died
+    assert bind_local_socket(router, str(d / "b.sock"), zap=False)
+    peer = router.context.socket(zmq.DEALER)
+    peer.linger = 0
+    peer.connect(f"ipc://{d}/b.sock")
+    peer.send(b"hello")
+    assert router.poll(10_000)
+    assert router.recv_multipart()[1] == b"hello"
+    peer.close()
+
+
+def test_clients_and_workers_refuse_a_socket_others_could_have_made(
+    tmp_path: Path,
+) -> None:
+    """Over TCP, CurveZMQ's server key proves who listens; on a Unix socket only the
+    file system can: in a directory others can write, a socket there might be theirs
+    (and would receive our code and data)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # world-writable, no sticky bit
+    mine = shared / "mine"
+    mine.mkdir(mode=0o700)
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    sec = Security.temporary()
+    for address, why in (
+        (f"ipc://{mine}/b.sock", "another user can rename"),
+        (f"ipc://{open_dir}/b.sock", "closed to others"),
+    ):
+        with pytest.raises(SecurityError, match=why):
+            check_local_socket(address)
+        with pytest.raises(SecurityError, match=why):
+            Client(address, security=sec, set_as_default=False, timeout=5)
+        with pytest.raises(SecurityError, match=why):
+            Worker(WorkerConfig(address=address, security=sec))
+        done = subprocess.run(
+            [sys.executable, "-m", "zdist.worker", address, "--no-security"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode != 0 and why in done.stderr, done.stderr
+
+
+def test_a_socket_of_another_user_is_refused(tmp_path: Path) -> None:
+    _require_root()
+    d = tmp_path / "private"
+    d.mkdir(mode=0o700)
+    theirs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        theirs.bind(str(d / "b.sock"))
+        os.chown(d / "b.sock", NOBODY, NOBODY)
+        with pytest.raises(SecurityError, match="not a socket of yours"):
+            check_local_socket(f"ipc://{d}/b.sock")
+    finally:
+        theirs.close()
 
 
 # ======================================================================================
@@ -147,6 +237,9 @@ def test_local_cluster_uses_a_private_socket() -> None:
             assert c._conn.address == local
             assert c.scheduler_address == cluster.scheduler_address
             assert c.submit(tasks.inc, 1).result(timeout=60) == 2
+            # Its workers too (they would fall back to nothing silently).
+            where = c.run(tasks.broker_address_of_worker)
+            assert list(where.values()) == [local]
         # And over TCP, with the cluster's keys.
         with Client(
             cluster.scheduler_address, security=cluster.security, set_as_default=False
@@ -160,6 +253,78 @@ def test_local_cluster_protocol_tcp_has_no_socket() -> None:
         assert cluster.local_address is None
         with Client(cluster, set_as_default=False) as c:
             assert c._conn.address == cluster.scheduler_address
+            assert c.submit(tasks.inc, 1).result(timeout=60) == 2
+
+
+def test_local_cluster_on_another_host_uses_tcp() -> None:
+    """Other machines are to reach it (workers' data ports included)."""
+    assert local._use_local_socket(None, True, "127.0.0.1")
+    assert local._use_local_socket(None, True, None)
+    assert not local._use_local_socket(None, True, "10.1.2.3")
+    assert not local._use_local_socket(None, True, "0.0.0.0")
+    assert not local._use_local_socket("tcp", True, "127.0.0.1")
+    assert not local._use_local_socket(None, False, "127.0.0.1")
+
+
+def test_failed_start_removes_the_socket_directory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[str | None] = []
+    real = local._private_socket_dir
+    monkeypatch.setattr(
+        local, "_private_socket_dir", lambda: made.append(real()) or made[-1]
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ZdistError, match="did not start"):
+            LocalCluster(n_workers=1, scheduler_port=port, timeout=30)
+    assert made and made[0] and not os.path.exists(made[0])
+
+
+def test_the_broker_removes_the_directory_when_its_parent_dies(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL leaves no finalizer to run: the broker's lifeline cleans up."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, time\n"
+        "from zdist import LocalCluster\n"
+        "c = LocalCluster(n_workers=1, threads_per_worker=1)\n"
+        "print(c.local_address, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().strip()
+        assert address.startswith("ipc://"), address
+        directory = Path(address[len("ipc://") :]).parent
+        assert directory.exists()
+        children = descendants(proc.pid)
+        assert children
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_for(lambda: not directory.exists(), 60, what="the socket directory to go")
+    wait_for(
+        lambda: not any(_alive(p) for p in children), 60, what="the children to exit"
+    )
+
+
+def test_local_cluster_without_a_temp_dir_uses_tcp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", "/nonexistent/zdist-test")
+    with LocalCluster(n_workers=1, threads_per_worker=1) as cluster:
+        assert cluster.local_address is None
+        with Client(cluster, set_as_default=False) as c:
             assert c.submit(tasks.inc, 1).result(timeout=60) == 2
 
 
@@ -299,6 +464,36 @@ def _attack_as(uid: int | None, address: str, markers: list[Path]) -> int:
     return int(out)
 
 
+def _connect_as(uid: int, address: str) -> str:
+    """A raw AF_UNIX connect() from a forked child running as ``uid``: "ok" or the
+    name of the error it got."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(address[len("ipc://") :])
+                what = "ok"
+            except OSError as exc:
+                what = type(exc).__name__
+            os.write(w, what.encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the connecting child failed"
+    return out
+
+
 def _still_serves(lb: LocalBroker) -> None:
     futures = lb.client.map(tasks.inc, range(10), pure=False)
     assert lb.client.gather(futures) == list(range(1, 11))
@@ -310,12 +505,17 @@ def _still_serves(lb: LocalBroker) -> None:
 def test_another_user_cannot_reach_the_local_socket(
     local_broker: LocalBroker, tmp_path: Path
 ) -> None:
+    """The first lock: the directory. Another user cannot even connect, so the
+    broker's uid check never sees them."""
     _require_root()
     tmp_path.chmod(0o777)  # so that markers could be written, were a task admitted
     markers = [tmp_path / "touched", tmp_path / "lambda-ran"]
+    refusals = local_broker.log.read_text().count(REFUSED)
+    assert _connect_as(NOBODY, local_broker.local) == "PermissionError"
     assert _attack_as(NOBODY, local_broker.local, markers) == 0
     _still_serves(local_broker)
     assert not any(m.exists() for m in markers), "another user's task ran"
+    assert local_broker.log.read_text().count(REFUSED) == refusals
 
 
 def test_zap_refuses_another_user_even_through_an_open_directory(
@@ -337,7 +537,7 @@ def test_zap_refuses_another_user_even_through_an_open_directory(
     _still_serves(local_broker)
     assert not any(m.exists() for m in markers), "another user's task ran"
     wait_for(
-        lambda: "refused a local-socket connection" in local_broker.log.read_text(),
+        lambda: REFUSED in local_broker.log.read_text(),
         30,
         what="the broker to log the refusal",
     )

@@ -8,10 +8,8 @@ secret, which lives only in memory, in a child's stdin, or in a 0600 scheduler o
 security file.
 
 Peers on the broker's own host may instead connect to a Unix socket (``ipc://``, see
-:func:`bind_local_socket`), as LocalCluster's do. Nothing on it crosses a network, and
-the kernel says who connects: the socket lives in a directory only its owner can enter,
-and the ZAP handler admits a connection there only from the broker's own user id. It
-skips CurveZMQ's work on every message, most of what security costs a round trip.
+zdist.localsocket), as LocalCluster's do; the ZAP handler here admits an unencrypted
+connection only there, and only from the broker's own user id.
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ import zmq
 import zmq.auth.thread
 
 from zdist.errors import SecurityError
+from zdist.localsocket import CURVE_DOMAIN, null_peer_allowed
 
 logger = logging.getLogger(__name__)
 #: pyzmq's authenticator logs every client's public key at debug level; keys stay out
@@ -106,7 +105,7 @@ class Security:
         auth.start()
         members = _MemberOnly(self)
         # "*": listeners with no ZAP domain; CURVE_DOMAIN: a broker's TCP listener
-        # bound after its local socket (bind_local_socket).
+        # bound after its local socket (zdist.localsocket).
         for domain in ("*", CURVE_DOMAIN.decode()):
             auth.configure_curve_callback(domain, credentials_provider=members)
         return auth
@@ -133,68 +132,13 @@ class _Authenticator(zmq.auth.thread.ThreadAuthenticator):
 
     async def handle_zap_message(self, msg: list[bytes]) -> None:
         if len(msg) >= 6 and msg[5] == b"NULL":
-            ok = null_peer_allowed(msg[2], msg[3])
+            ok = msg[0] == b"1.0" and null_peer_allowed(msg[2], msg[3])
             if not ok:
                 logger.warning("refused a local-socket connection from %r", msg[3])
             status = [b"200", b"OK"] if ok else [b"400", b"not this user"]
             self.zap_socket.send_multipart([msg[0], msg[1], *status, b"", b""])
             return
         await super().handle_zap_message(msg)
-
-
-def null_peer_allowed(domain: bytes, address: bytes, uid: int | None = None) -> bool:
-    """Whether an unencrypted connection may in: only on the local-socket domain, and
-    only from our own user. libzmq gives a Unix-socket peer's address as
-    ``...:uid:gid:pid`` from the kernel (SO_PEERCRED); anything else is refused."""
-    if domain != LOCAL_DOMAIN:
-        return False
-    parts = address.rsplit(b":", 3)
-    if len(parts) != 4 or not parts[1].isdigit():
-        return False
-    return int(parts[1]) == (os.geteuid() if uid is None else uid)
-
-
-#: ZAP domains (zmq_setsockopt ZMQ_ZAP_DOMAIN) of a broker's local socket, and of
-#: its TCP listener once it has one.
-LOCAL_DOMAIN = b"zdist-local"
-CURVE_DOMAIN = b"zdist"
-
-
-def bind_local_socket(
-    sock: zmq.Socket[Any], path: str, security: Security | None
-) -> str:
-    """Listen on a Unix socket at ``path``, before any CurveZMQ option is set on
-    ``sock`` (libzmq fixes a listener's mechanism when it binds), and return its
-    ``ipc://`` address.
-
-    Its directory must be ours and closed to everyone else, so no other user can
-    reach the socket; with security on, the ZAP handler also refuses any peer whose
-    user id is not ours.
-    """
-    if sock.get(zmq.CURVE_SERVER):
-        raise SecurityError("bind the local socket before CurveZMQ is configured")
-    p = Path(path)
-    if not p.is_absolute() or len(str(p).encode()) > 107:
-        raise SecurityError(
-            f"local socket {path!r}: need an absolute path of at most 107 bytes"
-        )
-    try:
-        st = p.parent.stat()
-    except OSError as exc:
-        raise SecurityError(f"local socket {path}: {exc.strerror}") from None
-    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise SecurityError(
-            f"refusing a local socket in {p.parent}: the directory must belong to you "
-            f"and be closed to others (chmod 700)"
-        )
-    if security is not None:
-        sock.zap_domain = LOCAL_DOMAIN
-    address = f"ipc://{p}"
-    sock.bind(address)
-    os.chmod(p, 0o600)
-    if security is not None:
-        sock.zap_domain = CURVE_DOMAIN  # for what binds next (libzmq takes no b"")
-    return address
 
 
 def read_security_stream(stream: Any = None) -> Security | None:

@@ -124,7 +124,14 @@ def configure_logging(level: str) -> None:
     metavar="PATH",
     help="Also listen on a Unix socket at PATH, in a directory only you can enter. "
     "Clients and workers on this host connect to ipc://PATH: the kernel checks that "
-    "they run as you, and messages skip CurveZMQ (faster).",
+    "they run as you, and messages skip CurveZMQ (faster). Workers that join there "
+    "serve data to peers on 127.0.0.1 unless given --interface.",
+)
+@click.option(
+    "--remove-socket-dir",
+    is_flag=True,
+    hidden=True,
+    help="Remove the local socket's directory at exit (LocalCluster made it).",
 )
 @click.option(
     "--log-level",
@@ -154,6 +161,7 @@ def main(
     max_message_size: str,
     dashboard_address: str,
     local_socket: str | None,
+    remove_socket_dir: bool,
     log_level: str,
     lifeline: bool,
 ) -> None:
@@ -184,6 +192,7 @@ def main(
                 if dashboard_address.lower() in ("none", "", "false")
                 else dashboard_address,
                 local_socket=local_socket,
+                remove_socket_dir=remove_socket_dir,
             ),
             security,
         )

@@ -21,9 +21,10 @@ from zdist import protocol as P
 from zdist._version import versions
 from zdist.broker.dashboard import Dashboard
 from zdist.broker.state import BrokerConfig, BrokerState
+from zdist.localsocket import bind_local_socket, remove_socket_and_dir
 from zdist.logs import RateLimitedLog, log_buffer
 from zdist.net import interface_ip
-from zdist.security import Security, bind_local_socket
+from zdist.security import Security
 from zdist.wire import recv_ready, send_frames
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,10 @@ class ServerConfig:
     #: ``":8787"`` serves the dashboard on localhost:8787; None turns it off.
     dashboard_address: str | None = None
     #: Also listen on a Unix socket at this path, for peers on this host (see
-    #: zdist.security.bind_local_socket); its directory must be private.
+    #: zdist.localsocket); its directory must be private.
     local_socket: str | None = None
+    #: Remove the local socket's directory at exit (LocalCluster made it for us).
+    remove_socket_dir: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,7 +73,7 @@ class BrokerServer:
         self.local_address: str | None = None
         if config.local_socket:
             self.local_address = bind_local_socket(
-                self.sock, config.local_socket, security
+                self.sock, config.local_socket, zap=security is not None
             )
         if security:
             security.configure_server(self.sock)
@@ -235,6 +238,8 @@ class BrokerServer:
             self.dashboard.close()
             self.dashboard = None
         self.sock.close(linger=0)
+        if self.config.local_socket and self.config.remove_socket_dir:
+            remove_socket_and_dir(self.config.local_socket)
         if self._auth is not None:
             self._auth.stop()
             self._auth = None

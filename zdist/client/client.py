@@ -89,7 +89,7 @@ class Client:
             if security is None:
                 # A cluster object knows its keys; None there means security is off.
                 security = address.security if address.security is not None else False
-            # A LocalCluster's own Unix socket when it has one (zdist.security).
+            # A LocalCluster's own Unix socket when it has one (zdist.localsocket).
             local = getattr(address, "local_address", None)
             address = local or address.scheduler_address
         sec_info: dict[str, Any] = {}

@@ -35,6 +35,7 @@ import zmq
 
 from zdist import protocol as P
 from zdist.errors import CommClosedError, ZdistError
+from zdist.localsocket import check_local_socket
 from zdist.net import is_ipc
 from zdist.security import Security
 from zdist.wire import readable, recv_ready, send_frames
@@ -113,6 +114,8 @@ class Connection:
         take_releases: Callable[[], list[str]] = list,
         unwanted: Callable[[list[str]], list[str]] = list,
     ) -> None:
+        if is_ipc(address):
+            check_local_socket(address)  # only we can have made it (localsocket)
         self.address = address
         self.security = security
         self.timeout = timeout
@@ -131,7 +134,7 @@ class Connection:
         self.out.sndhwm = 0
         self.out.identity = self.sock.identity + P.SENDER_SUFFIX
         if security and not is_ipc(address):
-            # A local socket is checked by the kernel, not CurveZMQ (zdist.security).
+            # A local socket is checked by the kernel, not CurveZMQ (localsocket).
             security.configure_client(self.sock)
             security.configure_client(self.out)
         self._send_lock = threading.Lock()

@@ -27,7 +27,8 @@ import weakref
 from typing import Any
 
 from zdist.client.jobscript import nprocesses_nthreads
-from zdist.errors import ZdistError
+from zdist.errors import SecurityError, ZdistError
+from zdist.localsocket import check_private_dir
 from zdist.security import Security
 from zdist.worker.nanny import worker_environment
 
@@ -77,7 +78,8 @@ class BrokerProcess:
         args += ["--security-file", "-"] if security else ["--no-security"]
         args += ["--dashboard-address", dashboard_address or "none"]
         if local_socket:
-            args += ["--local-socket", local_socket]
+            # Ours to remove, even if this process dies first (the broker's lifeline).
+            args += ["--local-socket", local_socket, "--remove-socket-dir"]
         # The lines it prints once it listens, in this order.
         self._expect = ["listening at "]
         if local_socket:
@@ -313,7 +315,7 @@ class LocalCluster:
         }
         if unknown:
             raise TypeError(f"LocalCluster got unexpected arguments: {sorted(unknown)}")
-        use_ipc = _use_local_socket(kwargs.get("protocol"), processes)
+        use_ipc = _use_local_socket(kwargs.get("protocol"), processes, host)
         cores = os.cpu_count() or 1
         if n_workers is None and threads_per_worker is None:
             if processes:
@@ -357,16 +359,21 @@ class LocalCluster:
         self.local_address: str | None = None
         self._socket_dir = _private_socket_dir() if use_ipc else None
         if processes:
-            self._broker_proc = BrokerProcess(
-                self.security,
-                host or "127.0.0.1",
-                scheduler_port,
-                log_level=self._log_level,
-                dashboard_address=dashboard_address,
-                wait=False,
-                local_socket=self._socket_dir
-                and os.path.join(self._socket_dir, "broker.sock"),
-            )
+            try:
+                self._broker_proc = BrokerProcess(
+                    self.security,
+                    host or "127.0.0.1",
+                    scheduler_port,
+                    log_level=self._log_level,
+                    dashboard_address=dashboard_address,
+                    wait=False,
+                    local_socket=self._socket_dir
+                    and os.path.join(self._socket_dir, "broker.sock"),
+                )
+            except BaseException:
+                if self._socket_dir:
+                    shutil.rmtree(self._socket_dir, ignore_errors=True)
+                raise
             self.broker_pid = self._broker_proc.pid
         else:
             from zdist.broker.server import BrokerServer, ServerConfig
@@ -517,10 +524,11 @@ class LocalCluster:
         )
 
 
-def _use_local_socket(protocol: Any, processes: bool) -> bool:
+def _use_local_socket(protocol: Any, processes: bool, host: str | None) -> bool:
     """Whether a cluster's own processes talk over a Unix socket: by default with
-    processes (dask's ``protocol=`` picks the transport; "tcp" keeps everything on
-    TCP with CurveZMQ)."""
+    processes on a loopback host (dask's ``protocol=`` picks the transport; "tcp"
+    keeps everything on TCP with CurveZMQ). Another host means that other machines
+    are to reach the cluster, workers' data ports included: TCP then."""
     name = (protocol or "").rstrip(":/")
     if name not in ("", "tcp", "ipc", "inproc"):
         raise ValueError(
@@ -531,16 +539,29 @@ def _use_local_socket(protocol: Any, processes: bool) -> bool:
         raise ValueError("LocalCluster(protocol='inproc') needs processes=False")
     if name == "ipc" and not processes:
         raise ValueError("LocalCluster(protocol='ipc') needs processes=True")
-    return processes and name in ("", "ipc")
+    loopback = host in (None, "", "localhost", "::1") or host.startswith("127.")
+    return processes and (name == "ipc" or (name == "" and loopback))
 
 
-def _private_socket_dir() -> str:
+def _private_socket_dir() -> str | None:
     """A fresh directory only we can enter (mkdtemp makes it 0700), short enough for
-    a Unix socket path."""
-    base = tempfile.gettempdir()
-    if len(base) > 80:  # a socket path has at most 107 bytes
+    a Unix socket path and safe from other users (zdist.localsocket); None (so TCP)
+    if there is none."""
+    base = os.path.realpath(tempfile.gettempdir())
+    if len(os.fsencode(base)) > 80:  # a socket path has at most 107 bytes
         base = "/tmp"
-    return tempfile.mkdtemp(prefix="zdist-", dir=base)
+    try:
+        path = tempfile.mkdtemp(prefix="zdist-", dir=base)
+    except OSError as exc:
+        logger.info("no local socket (%s): the cluster's processes use TCP", exc)
+        return None
+    try:
+        check_private_dir(path)
+    except SecurityError as exc:
+        os.rmdir(path)
+        logger.info("no local socket (%s): the cluster's processes use TCP", exc)
+        return None
+    return path
 
 
 def _shutdown(

@@ -17,7 +17,8 @@ from zdist._gc import tune_for_service
 from zdist._lifeline import exit_now, watch_stdin
 from zdist._version import __version__
 from zdist.errors import SecurityError, ZdistError
-from zdist.net import interface_ip, split_address
+from zdist.localsocket import check_local_socket
+from zdist.net import interface_ip, is_ipc, split_address
 from zdist.security import Security, read_security_stream, wait_for_scheduler_file
 from zdist.units import parse_memory
 from zdist.worker.nanny import Nanny
@@ -159,6 +160,8 @@ def resolve_connection(
     if not address:
         raise ZdistError("give the broker's ADDRESS or --scheduler-file")
     split_address(address)
+    if is_ipc(address):
+        check_local_socket(address)
     if no_security:
         return address, None
     if keys_read:

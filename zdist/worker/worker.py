@@ -27,6 +27,7 @@ from zdist import protocol as P
 from zdist import serialize
 from zdist._version import versions
 from zdist.keys import key_group
+from zdist.localsocket import check_local_socket
 from zdist.logs import RateLimitedLog, log_buffer
 from zdist.net import interface_ip, is_ipc, local_ip_towards, split_address
 from zdist.security import Security
@@ -94,6 +95,8 @@ class Worker(PeerTransfer):
         self.nthreads = max(1, config.nthreads)
         self.resources = dict(config.resources)
         self.memory_limit = config.memory_limit
+        if is_ipc(config.address):
+            check_local_socket(config.address)  # only we can have made it (localsocket)
         self.broker_address = config.address
         self._next_memory_check = 0.0
         self.paused = False
@@ -232,7 +235,7 @@ class Worker(PeerTransfer):
         sock.sndhwm = 0
         sock.rcvhwm = 0
         if self.config.security and not is_ipc(self.broker_address):
-            # A local socket is checked by the kernel, not CurveZMQ (zdist.security).
+            # A local socket is checked by the kernel, not CurveZMQ (localsocket).
             self.config.security.configure_client(sock)
         sock.connect(self.broker_address)
         self.broker = sock

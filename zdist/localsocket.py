@@ -1,0 +1,144 @@
+"""A broker's Unix socket, for peers on its own host (``ipc:///path``).
+
+A LocalCluster's workers and ``Client(cluster)`` reach their broker here instead of over
+TCP: nothing crosses a network, and it skips CurveZMQ's work on every message, most of
+what security costs a round trip. CurveZMQ proves who is who over TCP; here the file
+system and the kernel do:
+
+- the socket (0600) lives in a directory that is ours and closed to everyone else, and
+  no directory above it can be changed by another user (checked by the broker before
+  it binds, and by every client and worker before it connects: whoever can create the
+  socket file would receive their code and data);
+- with security on, the broker's ZAP handler admits an unencrypted peer only on this
+  listener and only with our user id, as the kernel reports it (zdist.security);
+- ``zap_enforce_domain`` makes libzmq refuse, rather than admit, a peer when no ZAP
+  handler answers.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from zdist.errors import SecurityError
+
+#: ZAP domains (zmq_setsockopt ZMQ_ZAP_DOMAIN) of a broker's local socket, and of its
+#: TCP listener bound after it (libzmq fixes a listener's options when it binds).
+LOCAL_DOMAIN = b"zdist-local"
+CURVE_DOMAIN = b"zdist"
+#: sun_path holds 108 bytes with its terminating NUL.
+MAX_PATH_BYTES = 107
+
+
+def null_peer_allowed(domain: bytes, address: bytes, uid: int | None = None) -> bool:
+    """Whether an unencrypted connection may in: only on the local-socket domain, and
+    only from our own user. libzmq gives a Unix-socket peer's address as
+    ``...:uid:gid:pid`` from the kernel (SO_PEERCRED); anything else is refused."""
+    if domain != LOCAL_DOMAIN:
+        return False
+    parts = address.rsplit(b":", 3)
+    if len(parts) != 4 or not parts[1].isdigit():
+        return False
+    return int(parts[1]) == (os.geteuid() if uid is None else uid)
+
+
+def check_private_dir(directory: str | os.PathLike[str]) -> None:
+    """Raise SecurityError unless ``directory`` is ours, closed to others, and no
+    directory above it lets another user rename or replace what it holds."""
+    real = Path(os.path.realpath(directory))
+    me = os.geteuid()
+    try:
+        st = real.stat()
+    except OSError as exc:
+        raise SecurityError(f"local socket directory {real}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != me or st.st_mode & 0o077:
+        raise SecurityError(
+            f"refusing a local socket in {real}: the directory must belong to you and "
+            f"be closed to others (chmod 700)"
+        )
+    for above in real.parents:
+        st = above.stat()
+        open_to_others = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if st.st_uid not in (0, me) or (
+            open_to_others and not st.st_mode & stat.S_ISVTX
+        ):
+            raise SecurityError(
+                f"refusing a local socket under {above}: another user can rename or "
+                f"replace what it holds"
+            )
+
+
+def path_of(address: str) -> str:
+    return address[len("ipc://") :]
+
+
+def check_local_socket(address: str) -> None:
+    """Before connecting to ``ipc://PATH``: only we can have made PATH. Over TCP the
+    broker's CurveZMQ key proves who listens; here, a socket planted by another user
+    would receive our code and data. PATH may not exist yet (a worker started before
+    its broker): then only we can create it later."""
+    path = path_of(address)
+    if not path.startswith("/") or len(os.fsencode(path)) > MAX_PATH_BYTES:
+        raise SecurityError(
+            f"{address}: need an absolute path of at most {MAX_PATH_BYTES} bytes"
+        )
+    check_private_dir(os.path.dirname(path))
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+        raise SecurityError(f"refusing {address}: not a socket of yours")
+
+
+def bind_local_socket(sock: zmq.Socket[Any], path: str, zap: bool) -> str:
+    """Listen on a Unix socket at ``path`` and return its ``ipc://`` address. Call it
+    before any CurveZMQ option is set on ``sock``. ``zap``: security is on, so the ZAP
+    handler checks every peer's user id.
+
+    A stale socket left at ``path`` (nobody listening) is replaced; a live one, or
+    anything that is not a socket, is refused (libzmq would silently unlink it).
+    """
+    if sock.get(zmq.CURVE_SERVER):
+        raise SecurityError("bind the local socket before CurveZMQ is configured")
+    address = f"ipc://{path}"
+    check_local_socket(address)
+    if os.path.lexists(path):
+        _remove_stale(path)
+    if zap:
+        sock.zap_domain = LOCAL_DOMAIN
+        sock.zap_enforce_domain = 1
+    sock.bind(address)
+    os.chmod(path, 0o600)
+    if zap:
+        sock.zap_domain = CURVE_DOMAIN  # for what binds next (libzmq takes no b"")
+    return address
+
+
+def _remove_stale(path: str) -> None:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno != errno.ECONNREFUSED:
+            raise SecurityError(f"local socket {path}: {exc.strerror}") from None
+        os.unlink(path)  # a socket nobody listens on: left by a broker that died
+        return
+    finally:
+        probe.close()
+    raise SecurityError(f"local socket {path}: another broker is listening there")
+
+
+def remove_socket_and_dir(path: str) -> None:
+    """At the broker's exit: its socket, and the directory if nothing else is in it."""
+    for remove, target in ((os.unlink, path), (os.rmdir, os.path.dirname(path))):
+        try:
+            remove(target)
+        except OSError:
+            pass
