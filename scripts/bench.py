@@ -220,6 +220,15 @@ def check(got: Any, expected: Any, what: str) -> None:
 _fresh_bases = itertools.count(1)
 
 
+def _settle(client: Any, timeout: float = 60) -> None:
+    """Wait until the broker holds no task (what a workload released is gone)."""
+    deadline = time.monotonic() + timeout
+    while client.scheduler_info()["tasks"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the cluster still holds tasks after {timeout} s")
+        time.sleep(0.01)  # polling a condition; each look is one round trip
+
+
 def fresh_base() -> int:
     """A new offset for every repetition, so no task's arguments repeat in a run.
 
@@ -708,7 +717,10 @@ class Runner:
         clusters drift together: so the cost rows are the median of each adjacent
         on/off sample's ratio, not a ratio of medians (which swung by +-15% on
         clusters that differ in nothing per message). Each cluster runs W2 once
-        untimed first (the first W2 on a fresh cluster is its slowest)."""
+        untimed first (the first W2 on a fresh cluster is its slowest), and every
+        sample waits until neither broker holds a task: a W1 run right after the
+        other cluster's W2 paid for its 20,000 releases (+60%: on and off then
+        measured -26% apart)."""
         self._pairs += 1
         out: Samples = {}
         for protocol, prefix in SECURITY_PROTOCOLS.items():
@@ -721,25 +733,28 @@ class Runner:
                     self._warm(client)
                     if "W2" in workloads:
                         w2_throughput(client, self.sizes.w2_items)
-                for i in range(SECURITY_SAMPLES):
+                for w, i in itertools.product(workloads, range(SECURITY_SAMPLES)):
                     order = (True, False) if (self._pairs + i) % 2 else (False, True)
-                    for w in workloads:
-                        got = {}
-                        for security in order:
-                            if w == "W1":
-                                got[security] = w1_latency(
-                                    clients[security], self.sizes.w1_trips
-                                )["W1"]
-                            else:
-                                got[security] = w2_throughput(
-                                    clients[security], self.sizes.w2_items
-                                )["W2"]
-                            suffix = prefix + ("secon" if security else "secoff")
-                            out.setdefault(f"{w}-{suffix}", []).append(got[security])
-                        # "% slower with security": W1 is a time, W2 a rate.
-                        slow, fast = (True, False) if w == "W1" else (False, True)
-                        cost = (got[slow] / got[fast] - 1) * 100
-                        out.setdefault(f"SEC-{prefix.upper()}{w}", []).append(cost)
+                    got = {}
+                    for security in order:
+                        # The other cluster's last W2 may still be releasing
+                        # 20,000 tasks: that would land on this sample.
+                        for client in clients.values():
+                            _settle(client)
+                        if w == "W1":
+                            got[security] = w1_latency(
+                                clients[security], self.sizes.w1_trips
+                            )["W1"]
+                        else:
+                            got[security] = w2_throughput(
+                                clients[security], self.sizes.w2_items
+                            )["W2"]
+                        suffix = prefix + ("secon" if security else "secoff")
+                        out.setdefault(f"{w}-{suffix}", []).append(got[security])
+                    # "% slower with security": W1 is a time, W2 a rate.
+                    slow, fast = (True, False) if w == "W1" else (False, True)
+                    cost = (got[slow] / got[fast] - 1) * 100
+                    out.setdefault(f"SEC-{prefix.upper()}{w}", []).append(cost)
         return out, {}
 
     @staticmethod
