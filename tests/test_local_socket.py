@@ -17,7 +17,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -411,19 +411,12 @@ def local_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBrok
         shutil.rmtree(socket_dir, ignore_errors=True)
 
 
-def _attack_as(uid: int | None, address: str, markers: list[Path]) -> int:
-    """From a forked child (as ``uid``; None: as we are), send a client's and a
-    worker's messages to ``address``; the number of replies it got within WATCH s."""
-    submit, payload = _submit_markers(markers)
-    messages = [
-        P.encode(P.RegisterClient("attacker", versions())),
-        P.encode(submit, payload),
-        P.encode(P.InfoRequest(1, "scheduler_info")),
-    ]
-    as_worker = [P.encode(_register_worker([])), P.encode(P.Heartbeat({}))]
+def _in_child(uid: int | None, body: Callable[[], str]) -> str:
+    """Run ``body`` in a forked child (as ``uid``; None: as we are) with no pytest and
+    no inherited ZeroMQ state, and return what it returned."""
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: no pytest, no inherited zmq state, exit without cleanup
+    if pid == 0:
         code = 1
         try:
             os.close(r)
@@ -431,67 +424,65 @@ def _attack_as(uid: int | None, address: str, markers: list[Path]) -> int:
                 os.setgroups([])
                 os.setgid(uid)
                 os.setuid(uid)
-            ctx: zmq.Context[Any] = zmq.Context()
-            socks = []
-            for role, batch in (("c", messages), ("w", as_worker)):
-                s = ctx.socket(zmq.DEALER)
-                s.linger = 0
-                s.identity = f"{role}-attacker-{os.getpid()}".encode()
-                s.connect(address)
-                for frames in batch:
-                    try:
-                        s.send_multipart(frames, zmq.NOBLOCK)
-                    except zmq.Again:  # no connection: the message is lost
-                        pass
-                socks.append(s)
-            got = 0
-            poller = zmq.Poller()
-            for s in socks:
-                poller.register(s, zmq.POLLIN)
-            for s, _ in poller.poll(WATCH * 1000):
-                s.recv_multipart()
-                got += 1
-            os.write(w, str(got).encode())
-            ctx.destroy(linger=0)
+            os.write(w, body().encode())
             code = 0
         finally:
-            os._exit(code)
+            os._exit(code)  # no cleanup: the parent's state is not ours
     os.close(w)
     with os.fdopen(r) as f:
         out = f.read()
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the attacking child failed"
-    return int(out)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child failed"
+    return out
+
+
+def _attack_as(uid: int | None, address: str, markers: list[Path]) -> int:
+    """Send a client's and a worker's messages to ``address`` as ``uid`` (None: as
+    we are); the number of replies that came within WATCH s."""
+    submit, payload = _submit_markers(markers)
+    messages = [
+        P.encode(P.RegisterClient("attacker", versions())),
+        P.encode(submit, payload),
+        P.encode(P.InfoRequest(1, "scheduler_info")),
+    ]
+    as_worker = [P.encode(_register_worker([])), P.encode(P.Heartbeat({}))]
+
+    def attack() -> str:
+        ctx: zmq.Context[Any] = zmq.Context()
+        poller = zmq.Poller()
+        for role, batch in (("c", messages), ("w", as_worker)):
+            s = ctx.socket(zmq.DEALER)
+            s.linger = 0
+            s.identity = f"{role}-attacker-{os.getpid()}".encode()
+            s.connect(address)
+            for frames in batch:
+                try:
+                    s.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:  # no connection: the message is lost
+                    pass
+            poller.register(s, zmq.POLLIN)
+        got = 0
+        for s, _ in poller.poll(WATCH * 1000):
+            s.recv_multipart()
+            got += 1
+        ctx.destroy(linger=0)
+        return str(got)
+
+    return int(_in_child(uid, attack))
 
 
 def _connect_as(uid: int, address: str) -> str:
-    """A raw AF_UNIX connect() from a forked child running as ``uid``: "ok" or the
-    name of the error it got."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
+    """A raw AF_UNIX connect() as ``uid``: "ok" or the name of the error it got."""
+
+    def connect() -> str:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(address[len("ipc://") :])
-                what = "ok"
-            except OSError as exc:
-                what = type(exc).__name__
-            os.write(w, what.encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r) as f:
-        out = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the connecting child failed"
-    return out
+            s.connect(address[len("ipc://") :])
+            return "ok"
+        except OSError as exc:
+            return type(exc).__name__
+
+    return _in_child(uid, connect)
 
 
 def _still_serves(lb: LocalBroker) -> None:
