@@ -47,6 +47,7 @@ from zdist.localsocket import (
     bind_local_socket,
     check_local_socket,
     null_peer_allowed,
+    user_socket_dir,
 )
 from zdist.security import Security
 from zdist.worker.worker import Worker, WorkerConfig
@@ -229,6 +230,7 @@ def test_local_cluster_uses_a_private_socket() -> None:
         local = cluster.local_address
         assert local is not None and local.startswith("ipc://")
         path = Path(local[len("ipc://") :])
+        assert path.parent.name == f"zdist-sockets-{os.geteuid()}"
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         # TCP stays what dask users see, secured with CurveZMQ.
@@ -245,7 +247,10 @@ def test_local_cluster_uses_a_private_socket() -> None:
             cluster.scheduler_address, security=cluster.security, set_as_default=False
         ) as c:
             assert c.submit(tasks.inc, 2).result(timeout=60) == 3
-    assert not path.parent.exists()
+    # The socket goes; the directory stays, so that nobody else can take its name
+    # while peers of ours may still try to reconnect there.
+    assert not path.exists()
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
 
 
 def test_local_cluster_protocol_tcp_has_no_socket() -> None:
@@ -266,26 +271,20 @@ def test_local_cluster_on_another_host_uses_tcp() -> None:
     assert not local._use_local_socket(None, False, "127.0.0.1")
 
 
-def test_failed_start_removes_the_socket_directory(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    made: list[str | None] = []
-    real = local._private_socket_dir
-    monkeypatch.setattr(
-        local, "_private_socket_dir", lambda: made.append(real()) or made[-1]
-    )
+def test_failed_start_leaves_no_socket() -> None:
+    d = user_socket_dir()
+    assert d is not None
+    before = set(os.listdir(d))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(ZdistError, match="did not start"):
             LocalCluster(n_workers=1, scheduler_port=port, timeout=30)
-    assert made and made[0] and not os.path.exists(made[0])
+    assert set(os.listdir(d)) <= before
 
 
-def test_the_broker_removes_the_directory_when_its_parent_dies(
-    tmp_path: Path,
-) -> None:
+def test_the_broker_removes_its_socket_when_its_parent_dies(tmp_path: Path) -> None:
     """SIGKILL leaves no finalizer to run: the broker's lifeline cleans up."""
     script = tmp_path / "parent.py"
     script.write_text(
@@ -305,27 +304,55 @@ def test_the_broker_removes_the_directory_when_its_parent_dies(
         assert proc.stdout is not None
         address = proc.stdout.readline().strip()
         assert address.startswith("ipc://"), address
-        directory = Path(address[len("ipc://") :]).parent
-        assert directory.exists()
+        path = Path(address[len("ipc://") :])
+        assert path.exists()
         children = descendants(proc.pid)
         assert children
     finally:
         proc.kill()
         proc.wait()
-    wait_for(lambda: not directory.exists(), 60, what="the socket directory to go")
+    wait_for(lambda: not path.exists(), 60, what="the socket to go")
     wait_for(
         lambda: not any(_alive(p) for p in children), 60, what="the children to exit"
     )
 
 
-def test_local_cluster_without_a_temp_dir_uses_tcp(
-    monkeypatch: pytest.MonkeyPatch,
+def test_user_socket_dir_skips_a_directory_someone_else_planted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    _require_root()
+    base = tmp_path / "tmp"
+    base.mkdir(mode=0o755)
+    planted = base / f"zdist-sockets-{os.geteuid()}"
+    planted.mkdir(mode=0o700)
+    os.chown(planted, NOBODY, NOBODY)
+    monkeypatch.setattr(tempfile, "tempdir", str(base))
+    # The fallback, not the planted one.
+    assert user_socket_dir() == f"/tmp/zdist-sockets-{os.geteuid()}"
+
+
+def test_user_socket_dir_falls_back_to_tmp(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tempfile, "tempdir", "/nonexistent/zdist-test")
+    assert user_socket_dir() == f"/tmp/zdist-sockets-{os.geteuid()}"
+
+
+def test_no_safe_directory_means_tcp(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local, "user_socket_dir", lambda: None)
     with LocalCluster(n_workers=1, threads_per_worker=1) as cluster:
         assert cluster.local_address is None
         with Client(cluster, set_as_default=False) as c:
             assert c.submit(tasks.inc, 1).result(timeout=60) == 2
+    with pytest.raises(ZdistError, match="no safe directory"):
+        LocalCluster(n_workers=0, protocol="ipc")
+
+
+def test_a_symlinked_path_is_resolved_before_connecting(tmp_path: Path) -> None:
+    """A link's owner could repoint it after the check: connect to its target."""
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert check_local_socket(f"ipc://{link}/b.sock") == f"ipc://{real}/b.sock"
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,10 @@ system and the kernel do:
 - the socket (0600) lives in a directory that is ours and closed to everyone else, and
   no directory above it can be changed by another user (checked by the broker before
   it binds, and by every client and worker before it connects: whoever can create the
-  socket file would receive their code and data);
+  socket file would receive their code and data). LocalCluster keeps one such
+  directory per user and never removes it (:func:`user_socket_dir`): ZeroMQ peers
+  reconnect to a path on their own, and a removed directory's name could be taken
+  by another user;
 - with security on, the broker's ZAP handler admits an unencrypted peer only on this
   listener and only with our user id, as the kernel reports it (zdist.security);
 - ``zap_enforce_domain`` makes libzmq refuse, rather than admit, a peer when no ZAP
@@ -17,16 +20,21 @@ system and the kernel do:
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import socket
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import zmq
 
 from zdist.errors import SecurityError
+
+logger = logging.getLogger(__name__)
 
 #: ZAP domains (zmq_setsockopt ZMQ_ZAP_DOMAIN) of a broker's local socket, and of its
 #: TCP listener bound after it (libzmq fixes a listener's options when it binds).
@@ -78,23 +86,58 @@ def path_of(address: str) -> str:
     return address[len("ipc://") :]
 
 
-def check_local_socket(address: str) -> None:
+def check_local_socket(address: str) -> str:
     """Before connecting to ``ipc://PATH``: only we can have made PATH. Over TCP the
     broker's CurveZMQ key proves who listens; here, a socket planted by another user
-    would receive our code and data. PATH may not exist yet (a worker started before
-    its broker): then only we can create it later."""
+    would receive our code and data. Returns the address with symbolic links
+    resolved, to connect to (a link's owner could repoint it later). The socket
+    itself may not exist yet (a worker started before its broker), its directory
+    must: then only we can create the socket later."""
     path = path_of(address)
     if not path.startswith("/") or len(os.fsencode(path)) > MAX_PATH_BYTES:
         raise SecurityError(
             f"{address}: need an absolute path of at most {MAX_PATH_BYTES} bytes"
         )
-    check_private_dir(os.path.dirname(path))
+    directory = os.path.realpath(os.path.dirname(path))
+    check_private_dir(directory)
+    path = os.path.join(directory, os.path.basename(path))
+    if len(os.fsencode(path)) > MAX_PATH_BYTES:
+        raise SecurityError(f"{address}: {path} is over {MAX_PATH_BYTES} bytes")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return f"ipc://{path}"
     if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
         raise SecurityError(f"refusing {address}: not a socket of yours")
+    return f"ipc://{path}"
+
+
+def user_socket_dir() -> str | None:
+    """This user's directory for local sockets, made if need be and never removed:
+    ``zdist-sockets-UID`` in the temporary directory (or in /tmp, when that one is
+    refused or too long for a socket path); None if neither is safe."""
+    uid = os.geteuid()
+    bases = [os.path.realpath(tempfile.gettempdir()), "/tmp"]
+    for base in dict.fromkeys(bases):
+        d = os.path.join(base, f"zdist-sockets-{uid}")
+        if len(os.fsencode(d)) > MAX_PATH_BYTES - 40:  # room for a socket name
+            continue
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                st = os.lstat(d)
+                if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
+                    os.chmod(d, 0o700)  # ours; what others left is never used
+        except OSError:
+            continue
+        try:
+            check_private_dir(d)
+        except SecurityError as exc:
+            logger.warning("not using %s for local sockets: %s", d, exc)
+            continue
+        return d
+    return None
 
 
 def bind_local_socket(sock: zmq.Socket[Any], path: str, zap: bool) -> str:
@@ -107,8 +150,8 @@ def bind_local_socket(sock: zmq.Socket[Any], path: str, zap: bool) -> str:
     """
     if sock.get(zmq.CURVE_SERVER):
         raise SecurityError("bind the local socket before CurveZMQ is configured")
-    address = f"ipc://{path}"
-    check_local_socket(address)
+    address = check_local_socket(f"ipc://{path}")
+    path = path_of(address)
     if os.path.lexists(path):
         _remove_stale(path)
     if zap:
@@ -123,22 +166,27 @@ def bind_local_socket(sock: zmq.Socket[Any], path: str, zap: bool) -> str:
 
 def _remove_stale(path: str) -> None:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1)  # a stopped broker's full backlog would block a connect
     try:
         probe.connect(path)
     except OSError as exc:
         if exc.errno != errno.ECONNREFUSED:
-            raise SecurityError(f"local socket {path}: {exc.strerror}") from None
-        os.unlink(path)  # a socket nobody listens on: left by a broker that died
+            raise SecurityError(
+                f"local socket {path}: {exc.strerror or exc}; is a broker there?"
+            ) from None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a socket nobody listens on: left by a broker that died
         return
     finally:
         probe.close()
     raise SecurityError(f"local socket {path}: another broker is listening there")
 
 
-def remove_socket_and_dir(path: str) -> None:
-    """At the broker's exit: its socket, and the directory if nothing else is in it."""
-    for remove, target in ((os.unlink, path), (os.rmdir, os.path.dirname(path))):
-        try:
-            remove(target)
-        except OSError:
-            pass
+def remove_socket(address: str) -> None:
+    """At the broker's exit: its socket file, if it is still one of ours. The
+    directory stays (see :func:`user_socket_dir`)."""
+    path = path_of(address)
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid():
+            os.unlink(path)

@@ -128,12 +128,6 @@ def configure_logging(level: str) -> None:
     "serve data to peers on 127.0.0.1 unless given --interface.",
 )
 @click.option(
-    "--remove-socket-dir",
-    is_flag=True,
-    hidden=True,
-    help="Remove the local socket's directory at exit (LocalCluster made it).",
-)
-@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -161,7 +155,6 @@ def main(
     max_message_size: str,
     dashboard_address: str,
     local_socket: str | None,
-    remove_socket_dir: bool,
     log_level: str,
     lifeline: bool,
 ) -> None:
@@ -192,7 +185,6 @@ def main(
                 if dashboard_address.lower() in ("none", "", "false")
                 else dashboard_address,
                 local_socket=local_socket,
-                remove_socket_dir=remove_socket_dir,
             ),
             security,
         )

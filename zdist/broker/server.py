@@ -21,7 +21,7 @@ from zdist import protocol as P
 from zdist._version import versions
 from zdist.broker.dashboard import Dashboard
 from zdist.broker.state import BrokerConfig, BrokerState
-from zdist.localsocket import bind_local_socket, remove_socket_and_dir
+from zdist.localsocket import bind_local_socket, remove_socket
 from zdist.logs import RateLimitedLog, log_buffer
 from zdist.net import interface_ip
 from zdist.security import Security
@@ -52,8 +52,6 @@ class ServerConfig:
     #: Also listen on a Unix socket at this path, for peers on this host (see
     #: zdist.localsocket); its directory must be private.
     local_socket: str | None = None
-    #: Remove the local socket's directory at exit (LocalCluster made it for us).
-    remove_socket_dir: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -238,8 +236,8 @@ class BrokerServer:
             self.dashboard.close()
             self.dashboard = None
         self.sock.close(linger=0)
-        if self.config.local_socket and self.config.remove_socket_dir:
-            remove_socket_and_dir(self.config.local_socket)
+        if self.local_address:
+            remove_socket(self.local_address)
         if self._auth is not None:
             self._auth.stop()
             self._auth = None

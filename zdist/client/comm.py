@@ -114,8 +114,8 @@ class Connection:
         take_releases: Callable[[], list[str]] = list,
         unwanted: Callable[[list[str]], list[str]] = list,
     ) -> None:
-        if is_ipc(address):
-            check_local_socket(address)  # only we can have made it (localsocket)
+        if is_ipc(address):  # only we can have made it (localsocket)
+            address = check_local_socket(address)
         self.address = address
         self.security = security
         self.timeout = timeout
@@ -134,7 +134,7 @@ class Connection:
         self.out.sndhwm = 0
         self.out.identity = self.sock.identity + P.SENDER_SUFFIX
         if security and not is_ipc(address):
-            # A local socket is checked by the kernel, not CurveZMQ (localsocket).
+            # TCP: CurveZMQ (a local socket is checked by the kernel, localsocket).
             security.configure_client(self.sock)
             security.configure_client(self.out)
         self._send_lock = threading.Lock()

@@ -16,19 +16,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+import uuid
 import weakref
 from typing import Any
 
 from zdist.client.jobscript import nprocesses_nthreads
-from zdist.errors import SecurityError, ZdistError
-from zdist.localsocket import check_private_dir
+from zdist.errors import ZdistError
+from zdist.localsocket import remove_socket, user_socket_dir
 from zdist.security import Security
 from zdist.worker.nanny import worker_environment
 
@@ -78,8 +77,7 @@ class BrokerProcess:
         args += ["--security-file", "-"] if security else ["--no-security"]
         args += ["--dashboard-address", dashboard_address or "none"]
         if local_socket:
-            # Ours to remove, even if this process dies first (the broker's lifeline).
-            args += ["--local-socket", local_socket, "--remove-socket-dir"]
+            args += ["--local-socket", local_socket]
         # The lines it prints once it listens, in this order.
         self._expect = ["listening at "]
         if local_socket:
@@ -357,23 +355,24 @@ class LocalCluster:
         #: broker's Unix socket (zdist.security.bind_local_socket), else None and
         #: they use ``scheduler_address``.
         self.local_address: str | None = None
-        self._socket_dir = _private_socket_dir() if use_ipc else None
+        socket_dir = user_socket_dir() if use_ipc else None
+        if use_ipc and socket_dir is None:
+            if str(kwargs.get("protocol")).startswith("ipc"):
+                raise ZdistError("LocalCluster(protocol='ipc'): no safe directory")
+            logger.info("no safe directory for a local socket: the cluster uses TCP")
+        self._socket = socket_dir and os.path.join(
+            socket_dir, f"{uuid.uuid4().hex}.sock"
+        )
         if processes:
-            try:
-                self._broker_proc = BrokerProcess(
-                    self.security,
-                    host or "127.0.0.1",
-                    scheduler_port,
-                    log_level=self._log_level,
-                    dashboard_address=dashboard_address,
-                    wait=False,
-                    local_socket=self._socket_dir
-                    and os.path.join(self._socket_dir, "broker.sock"),
-                )
-            except BaseException:
-                if self._socket_dir:
-                    shutil.rmtree(self._socket_dir, ignore_errors=True)
-                raise
+            self._broker_proc = BrokerProcess(
+                self.security,
+                host or "127.0.0.1",
+                scheduler_port,
+                log_level=self._log_level,
+                dashboard_address=dashboard_address,
+                wait=False,
+                local_socket=self._socket,
+            )
             self.broker_pid = self._broker_proc.pid
         else:
             from zdist.broker.server import BrokerServer, ServerConfig
@@ -400,7 +399,7 @@ class LocalCluster:
             self.workers,
             self._broker_proc,
             self._broker_thread and self._server,
-            self._socket_dir,
+            self._socket,
         )
         try:
             # Workers first: they start with no address and wait for it on stdin, so
@@ -543,32 +542,11 @@ def _use_local_socket(protocol: Any, processes: bool, host: str | None) -> bool:
     return processes and (name == "ipc" or (name == "" and loopback))
 
 
-def _private_socket_dir() -> str | None:
-    """A fresh directory only we can enter (mkdtemp makes it 0700), short enough for
-    a Unix socket path and safe from other users (zdist.localsocket); None (so TCP)
-    if there is none."""
-    base = os.path.realpath(tempfile.gettempdir())
-    if len(os.fsencode(base)) > 80:  # a socket path has at most 107 bytes
-        base = "/tmp"
-    try:
-        path = tempfile.mkdtemp(prefix="zdist-", dir=base)
-    except OSError as exc:
-        logger.info("no local socket (%s): the cluster's processes use TCP", exc)
-        return None
-    try:
-        check_private_dir(path)
-    except SecurityError as exc:
-        os.rmdir(path)
-        logger.info("no local socket (%s): the cluster's processes use TCP", exc)
-        return None
-    return path
-
-
 def _shutdown(
     workers: dict[str, Any],
     broker: BrokerProcess | None,
     server: Any,
-    socket_dir: str | None = None,
+    local_socket: str | None = None,
 ) -> None:
     ws = list(workers.values())
     workers.clear()
@@ -583,5 +561,5 @@ def _shutdown(
         broker.close()
     if server:
         server.stop()
-    if socket_dir:
-        shutil.rmtree(socket_dir, ignore_errors=True)
+    if local_socket:  # the broker removes it, unless it died first
+        remove_socket(f"ipc://{local_socket}")

@@ -95,9 +95,9 @@ class Worker(PeerTransfer):
         self.nthreads = max(1, config.nthreads)
         self.resources = dict(config.resources)
         self.memory_limit = config.memory_limit
-        if is_ipc(config.address):
-            check_local_socket(config.address)  # only we can have made it (localsocket)
         self.broker_address = config.address
+        if is_ipc(config.address):  # only we can have made it (localsocket)
+            self.broker_address = check_local_socket(config.address)
         self._next_memory_check = 0.0
         self.paused = False
         self.tasks: dict[str, _Task] = {}
@@ -234,8 +234,9 @@ class Worker(PeerTransfer):
         sock.identity = self._ident
         sock.sndhwm = 0
         sock.rcvhwm = 0
-        if self.config.security and not is_ipc(self.broker_address):
-            # A local socket is checked by the kernel, not CurveZMQ (localsocket).
+        if is_ipc(self.broker_address):  # still only ours (localsocket)
+            check_local_socket(self.broker_address)
+        elif self.config.security:  # TCP: CurveZMQ
             self.config.security.configure_client(sock)
         sock.connect(self.broker_address)
         self.broker = sock
