@@ -6,10 +6,11 @@ gathers, runs on workers and information requests. A mixin of
 from __future__ import annotations
 
 import pickle
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from zdist import protocol as P
 from zdist.broker.graph import find_cycle
+from zdist.broker.mixin import StateMixin
 from zdist.broker.records import (
     FINAL_STATES,
     FIRE_AND_FORGET,
@@ -50,16 +51,7 @@ class _Insertion:
         self.done = 0
 
 
-if TYPE_CHECKING:
-    # The mixin reaches BrokerState's attributes and methods through self; naming
-    # BrokerState here would be a cycle, so type checkers see an Any base.
-    class _Base(Any):  # type: ignore[misc]
-        pass
-else:
-    _Base = object
-
-
-class ClientSide(_Base):
+class ClientSide(StateMixin):
     def _on_register_client(
         self, ident: bytes, msg: P.RegisterClient, payload: list[Any]
     ) -> None:
