@@ -198,3 +198,36 @@ def test_a_waiting_thread_interrupted_halfway_through_a_message_loses_nothing(
     wait_for(f.done, timeout=30, what="the I/O thread to handle the message again")
     assert f.result(timeout=10) == str(gate)
     assert waiters(client) == 0
+
+
+def test_a_long_wait_spaces_out_the_io_threads_looks_and_ends_with_a_wake(
+    client: Any, tmp_path: Path
+) -> None:
+    """While a thread waits long on one result the I/O thread looks ever more rarely
+    (a waiting client on a login node used 1.5% of a core); the waiting thread that
+    ends such a wait wakes it, so that it reads the socket again at once."""
+    conn = client._conn
+    woken: list[str] = []
+    wake = conn.wake
+
+    def recording_wake() -> None:
+        woken.append(threading.current_thread().name)
+        wake()
+
+    conn.wake = recording_wake
+    try:
+        gate = tmp_path / "gate"
+        f = client.submit(wait_for_path, str(gate), pure=False)
+        done: dict[int, Any] = {}
+        waiter = threading.Thread(target=_store_result, args=(f, done, 0), name="w")
+        waiter.start()
+        wait_for(
+            lambda: conn._io_tick >= 8 * comm.WAITER_TICK_MS, 30, what="backing off"
+        )
+        open_gate(gate)
+        waiter.join(60)
+        assert done == {0: str(gate)}
+        assert "w" in woken  # the waiter woke the I/O thread on its way out
+        wait_for(lambda: conn._io_tick == comm.WAITER_TICK_MS, 30, what="the reset")
+    finally:
+        conn.wake = wake

@@ -47,7 +47,11 @@ logger = logging.getLogger(__name__)
 
 #: Milliseconds between the I/O thread's looks while a thread waits on a result (and
 #: reads the socket itself): how late a message can be read once the waiting ends.
+#: While no wait ends, the looks space out, doubling up to WAITER_TICK_MAX_MS (a client
+#: waiting an hour on one result would otherwise use 1.5% of a core); the waiting
+#: thread that ends a long wait wakes the I/O thread instead.
 WAITER_TICK_MS = 5
+WAITER_TICK_MAX_MS = 250
 #: A waiting thread looks at its future at least this often (milliseconds), whatever
 #: happens to the socket.
 WAIT_RECHECK_MS = 1000
@@ -144,7 +148,10 @@ class Connection:
         self._rx_closed = False
         self._rx_fd: int = self.sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._waiters = 0
+        self._waits_ended = 0  # under _waiters_lock
         self._waiters_lock = threading.Lock()
+        #: The I/O thread's current poll timeout while threads wait (WAITER_TICK_MS).
+        self._io_tick = WAITER_TICK_MS
         self._wakers = threading.local()
         self._deferred: deque[list[Callable[[], None]]] = deque()
         # Left for the I/O thread to read: a waiting thread stopped early or was
@@ -299,6 +306,12 @@ class Connection:
             if counted:
                 with self._waiters_lock:
                     self._waiters -= 1
+                    self._waits_ended += 1
+                    last = self._waiters == 0
+                if last and self._io_tick > WAITER_TICK_MS:
+                    # A long wait: the I/O thread looks rarely; the socket is its
+                    # to read again now.
+                    self.wake()
             st.remove_waker(waker)
         # Closed meanwhile: whoever closed it finishes the futures.
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -352,6 +365,7 @@ class Connection:
         poller = select.poll()
         poller.register(self._wake.r, select.POLLIN)
         watching = False  # the socket's descriptor is in the poll set
+        tick, ended = WAITER_TICK_MS, self._waits_ended
         self._last_sent = time.monotonic()
         try:
             if self._register is not None:
@@ -372,7 +386,13 @@ class Connection:
                 elif watching:
                     poller.unregister(self._rx_fd)
                     watching = False
-                events = poller.poll(250 if nobody_waits else WAITER_TICK_MS)
+                if nobody_waits or ended != self._waits_ended:
+                    tick, ended = WAITER_TICK_MS, self._waits_ended
+                # Set before polling: a wait that ends now wakes us if this is long.
+                self._io_tick = tick
+                events = poller.poll(WAITER_TICK_MAX_MS if nobody_waits else tick)
+                if not events and not nobody_waits:
+                    tick = min(2 * tick, WAITER_TICK_MAX_MS)
                 if any(fd == self._wake.r for fd, _ in events):
                     self._wake.drain()
                 self._run_deferred()
