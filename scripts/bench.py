@@ -365,6 +365,8 @@ def make_backend(name: str) -> Backend:
 Result = dict[str, float]
 #: Several values of one row from one repetition (each counts towards the median).
 Samples = dict[str, list[float]]
+#: Paired W1 samples of zdist and ProcessPoolExecutor (see Runner.w1_against_ppe).
+PAIRED_W1_SAMPLES = 10
 #: Security rows: paired on/off samples of each workload per repetition (see
 #: _security_pair).
 SECURITY_SAMPLES = 4
@@ -757,6 +759,25 @@ class Runner:
                     out.setdefault(f"SEC-{prefix.upper()}{w}", []).append(cost)
         return out, {}
 
+    def w1_against_ppe(self) -> tuple[Samples, dict[str, Any]]:
+        """W1 on a zdist cluster and on a ProcessPoolExecutor, both alive, each sample
+        on one and then the other (alternating which goes first): zdist/ppe per
+        adjacent pair. The W1 row's ratio compares medians taken minutes apart, and
+        this machine's speed drifts by up to 40% within seconds; this one does not."""
+        out: Samples = {}
+        with contextlib.ExitStack() as stack:
+            zdist, _ = stack.enter_context(ZdistBackend().cluster())
+            ppe, _ = stack.enter_context(PpeBackend().cluster())
+            for client in (zdist, ppe):
+                w1_latency(client, self.sizes.w1_trips)  # warm
+            for i in range(PAIRED_W1_SAMPLES):
+                got = {}
+                for name in ("zdist", "ppe") if i % 2 else ("ppe", "zdist"):
+                    client = zdist if name == "zdist" else ppe
+                    got[name] = w1_latency(client, self.sizes.w1_trips)["W1"]
+                out.setdefault("W1-vs-ppe", []).append(got["zdist"] / got["ppe"])
+        return out, {}
+
     @staticmethod
     def _warm(client: Any) -> None:
         """A few tasks before anything is timed, so imports and connections are done
@@ -839,6 +860,10 @@ def main(argv: list[str] | None = None) -> int:
             lambda: {"W1-floor": floor_round_trip(sizes.floor_trips)},
             reps=1,
             warmup=False,
+        )
+    if "W1" in args.only_set and {"zdist", "ppe"} <= set(args.backend_list):
+        runner.repeat(
+            "zdist", "W1 vs ppe, paired", runner.w1_against_ppe, reps=1, warmup=False
         )
     if "W9" in args.only_set and "zdist" in args.backend_list:
         # One repetition, no warm-up: it starts its own broker and 1,000 sockets.

@@ -52,7 +52,9 @@ SECURITY_COST_ROWS = ["SEC-W1", "SEC-W2", "SEC-TCP-W1", "SEC-TCP-W2"]
 ALL_ROWS = TIMED_ROWS + MEMORY_ROWS + SECURITY_COST_ROWS
 
 
-def run_bench(tmp_path: Path, timeout: float) -> tuple[int, str, dict]:
+def run_bench(
+    tmp_path: Path, timeout: float, *extra: str, backends: str = "zdist"
+) -> tuple[int, str, dict]:
     out = tmp_path / "bench.json"
     md = tmp_path / "bench.md"
     cmd = [
@@ -60,8 +62,9 @@ def run_bench(tmp_path: Path, timeout: float) -> tuple[int, str, dict]:
         str(BENCH),
         "--quick",
         "--tiny",
+        *extra,
         "--backends",
-        "zdist",
+        backends,
         "--json",
         str(out),
         "--markdown",
@@ -125,3 +128,21 @@ def test_bench_quick_tiny_runs_every_zdist_row(tmp_path: Path) -> None:
     assert set(TIMED_ROWS + MEMORY_ROWS) <= set(table)
     assert table["W1"]["zdist_median"] == rows["W1"]["median"]
     assert "| W1 latency |" in doc["_markdown"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_pairs_w1_with_ppe(tmp_path: Path) -> None:
+    """The paired W1 ratio against ProcessPoolExecutor (context for the 1.5x target)."""
+    returncode, output, doc = run_bench(
+        tmp_path, 270, "--only", "W1", "--no-security-rows", backends="zdist,ppe"
+    )
+    tail = output[-6000:]
+    assert returncode == 0, tail
+    assert doc.get("errors") == {}, tail
+    assert doc["leftover_processes"] == [], tail
+    row = doc["results"]["zdist"]["W1-vs-ppe"]
+    assert row["checked"] is True
+    assert len(row["values"]) == 10
+    assert all(math.isfinite(v) and v > 0 for v in row["values"]), row
+    assert "| W1 zdist/ppe, paired samples (context) |" in doc["_markdown"]
