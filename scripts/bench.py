@@ -365,8 +365,10 @@ def make_backend(name: str) -> Backend:
 Result = dict[str, float]
 #: Several values of one row from one repetition (each counts towards the median).
 Samples = dict[str, list[float]]
-#: Paired W1 samples of zdist and ProcessPoolExecutor (see Runner.w1_against_ppe).
+#: Paired W1 samples of zdist and ProcessPoolExecutor (see Runner.w1_against_ppe),
+#: and W5 samples of zdist and dask (Runner.w5_against_dask).
 PAIRED_W1_SAMPLES = 10
+PAIRED_W5_SAMPLES = 10
 #: Security rows: paired on/off samples of each workload per repetition (see
 #: _security_pair).
 SECURITY_SAMPLES = 4
@@ -778,6 +780,29 @@ class Runner:
                 out.setdefault("W1-vs-ppe", []).append(got["zdist"] / got["ppe"])
         return out, {}
 
+    def w5_against_dask(self) -> tuple[Samples, dict[str, Any]]:
+        """W5 on a zdist cluster and a dask one, both alive, each sample on one and
+        then the other (alternating which goes first): zdist/dask MiB/s per adjacent
+        pair. W5 is mostly first-touch page faults, which this VM serves at rates
+        that vary 5x between repetitions; this pairs them in time."""
+        out: Samples = {}
+        s = self.sizes
+        with contextlib.ExitStack() as stack:
+            # dask's first: its nannies pickle dask's config for their processes,
+            # where a zdist Client set as the default scheduler cannot go.
+            clients = {"dask": stack.enter_context(DaskBackend().cluster())[0]}
+            clients["zdist"] = stack.enter_context(ZdistBackend().cluster())[0]
+            for client in clients.values():
+                w5_data(client, s.w5_array_bytes, s.w5_arrays)  # warm
+            for i in range(PAIRED_W5_SAMPLES):
+                got = {}
+                for name in ("zdist", "dask") if i % 2 else ("dask", "zdist"):
+                    got[name] = w5_data(clients[name], s.w5_array_bytes, s.w5_arrays)[
+                        "W5"
+                    ]
+                out.setdefault("W5-vs-dask", []).append(got["zdist"] / got["dask"])
+        return out, {}
+
     @staticmethod
     def _warm(client: Any) -> None:
         """A few tasks before anything is timed, so imports and connections are done
@@ -864,6 +889,10 @@ def main(argv: list[str] | None = None) -> int:
     if "W1" in args.only_set and {"zdist", "ppe"} <= set(args.backend_list):
         runner.repeat(
             "zdist", "W1 vs ppe, paired", runner.w1_against_ppe, reps=1, warmup=False
+        )
+    if "W5" in args.only_set and {"zdist", "dask"} <= set(args.backend_list):
+        runner.repeat(
+            "zdist", "W5 vs dask, paired", runner.w5_against_dask, reps=1, warmup=False
         )
     if "W9" in args.only_set and "zdist" in args.backend_list:
         # One repetition, no warm-up: it starts its own broker and 1,000 sockets.
