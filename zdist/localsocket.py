@@ -33,6 +33,7 @@ from typing import Any
 import zmq
 
 from zdist.errors import SecurityError
+from zdist.net import IPC, MAX_IPC_PATH, ipc_path
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ logger = logging.getLogger(__name__)
 #: TCP listener bound after it (libzmq fixes a listener's options when it binds).
 LOCAL_DOMAIN = b"zdist-local"
 CURVE_DOMAIN = b"zdist"
-#: sun_path holds 108 bytes with its terminating NUL.
-MAX_PATH_BYTES = 107
 
 
 def null_peer_allowed(domain: bytes, address: bytes, uid: int | None = None) -> bool:
@@ -83,7 +82,7 @@ def check_private_dir(directory: str | os.PathLike[str]) -> None:
 
 
 def path_of(address: str) -> str:
-    return address[len("ipc://") :]
+    return address[len(IPC) :]
 
 
 def check_local_socket(address: str) -> str:
@@ -93,23 +92,23 @@ def check_local_socket(address: str) -> str:
     resolved, to connect to (a link's owner could repoint it later). The socket
     itself may not exist yet (a worker started before its broker), its directory
     must: then only we can create the socket later."""
-    path = path_of(address)
-    if not path.startswith("/") or len(os.fsencode(path)) > MAX_PATH_BYTES:
+    path = ipc_path(address)
+    if path is None:
         raise SecurityError(
-            f"{address}: need an absolute path of at most {MAX_PATH_BYTES} bytes"
+            f"{address}: need an absolute path of at most {MAX_IPC_PATH} bytes"
         )
     directory = os.path.realpath(os.path.dirname(path))
     check_private_dir(directory)
     path = os.path.join(directory, os.path.basename(path))
-    if len(os.fsencode(path)) > MAX_PATH_BYTES:
-        raise SecurityError(f"{address}: {path} is over {MAX_PATH_BYTES} bytes")
+    if len(os.fsencode(path)) > MAX_IPC_PATH:
+        raise SecurityError(f"{address}: {path} is over {MAX_IPC_PATH} bytes")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return f"ipc://{path}"
+        return IPC + path
     if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
         raise SecurityError(f"refusing {address}: not a socket of yours")
-    return f"ipc://{path}"
+    return IPC + path
 
 
 def user_socket_dir() -> str | None:
@@ -120,7 +119,7 @@ def user_socket_dir() -> str | None:
     bases = [os.path.realpath(tempfile.gettempdir()), "/tmp"]
     for base in dict.fromkeys(bases):
         d = os.path.join(base, f"zdist-sockets-{uid}")
-        if len(os.fsencode(d)) > MAX_PATH_BYTES - 40:  # room for a socket name
+        if len(os.fsencode(d)) > MAX_IPC_PATH - 40:  # room for a socket name
             continue
         try:
             os.mkdir(d, 0o700)
@@ -150,7 +149,7 @@ def bind_local_socket(sock: zmq.Socket[Any], path: str, zap: bool) -> str:
     """
     if sock.get(zmq.CURVE_SERVER):
         raise SecurityError("bind the local socket before CurveZMQ is configured")
-    address = check_local_socket(f"ipc://{path}")
+    address = check_local_socket(IPC + path)
     path = path_of(address)
     if os.path.lexists(path):
         _remove_stale(path)

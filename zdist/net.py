@@ -4,6 +4,7 @@ broker address (``tcp://host:port``, and ``ipc:///path`` for same-host peers).""
 from __future__ import annotations
 
 import fcntl
+import os
 import socket
 import struct
 
@@ -55,12 +56,20 @@ def is_ipc(address: str) -> bool:
     return address.startswith(IPC)
 
 
+def ipc_path(address: str) -> str | None:
+    """The path of ``ipc:///path``, or None unless it is absolute and fits a Unix
+    socket."""
+    path = address[len(IPC) :]
+    if not path.startswith("/") or len(os.fsencode(path)) > MAX_IPC_PATH:
+        return None
+    return path
+
+
 def split_address(address: str) -> tuple[str, int]:
     """``tcp://host:port`` -> (host, port), with a clear error for anything else;
     ``ipc:///path`` (same host) -> ("127.0.0.1", 0)."""
     if isinstance(address, str) and is_ipc(address):
-        path = address[len(IPC) :]
-        if not path.startswith("/") or len(path.encode()) > MAX_IPC_PATH:
+        if ipc_path(address) is None:
             raise ZdistError(
                 f"expected an address like ipc:///absolute/path (at most "
                 f"{MAX_IPC_PATH} bytes), got {address!r}"

@@ -298,8 +298,8 @@ class Connection:
                     ms = max(
                         0, min(ms, math.ceil((deadline - time.monotonic()) * 1000))
                     )
-                poller.poll(ms)
-                waker.drain()
+                if any(fd == waker.r for fd, _ in poller.poll(ms)):
+                    waker.drain()
                 if st.done:
                     return True
         finally:
