@@ -199,6 +199,9 @@ class RegisterWorker(Message):
     versions: dict
     #: Keys this worker holds already: a worker re-registering with a restarted broker.
     keys: list
+    #: Connected over the broker's Unix socket, so on the broker's host: it can send
+    #: results straight to the clients there (RunTasks.direct).
+    local: bool = False
 
 
 @message(Op.WELCOME)
@@ -224,10 +227,15 @@ class RunTasks(Message):
     frames in this message), a peer's data address, or ``""`` (already on this worker).
     ``fn_ref`` is ``None`` for scattered data (``args_ref`` is the value). ``free``:
     keys to drop first, as a :class:`FreeKeys` sent before it would (one message
-    instead of two on the path of every round trip)."""
+    instead of two on the path of every round trip). ``direct``: ``[[client_ident,
+    address, [key, ...]], ...]``, tasks whose one client reads results on a Unix
+    socket of this host (RegisterClient.direct): the worker sends their results there
+    itself, as a :class:`TaskUpdates`, and names them in TaskResults.told. That
+    takes the broker, and a hop, off the path of a one-at-a-time round trip."""
 
     tasks: list
     free: list | None = None
+    direct: list | None = None
 
 
 @message(Op.TASK_RESULTS)
@@ -238,9 +246,11 @@ class TaskResults(Message):
     message``), ``"cancelled"`` (dropped before it ran, after CancelTasks), or
     ``"missing"`` (text: the dependency key that could not be fetched, typename: the
     peer that failed to give it). ``duration`` is the run time in seconds (-1 for
-    a replica fetched from a peer)."""
+    a replica fetched from a peer). ``told``: keys of ``"memory"`` results this worker
+    has sent to their client itself (RunTasks.direct); the broker does not."""
 
     results: list
+    told: list | None = None
 
 
 @message(Op.FREE_KEYS)
@@ -329,8 +339,13 @@ class GetData(Message):
 
 @message(Op.REGISTER_CLIENT)
 class RegisterClient(Message):
+    """``direct``: a Unix socket (``ipc://``) this client also reads on, in a private
+    directory of this host, where workers on the broker's host may send it results
+    (RunTasks.direct); ``None`` for a client that reaches the broker over TCP."""
+
     name: str
     versions: dict
+    direct: str | None = None
 
 
 @message(Op.SUBMIT)

@@ -22,6 +22,7 @@ from zdist.broker.records import (
     _Pending,
 )
 from zdist.errors import GraphError
+from zdist.net import ipc_path, is_ipc
 
 #: Tasks inserted per slice of a large submission (about 0.2 s of broker time).
 INSERT_SLICE = 20_000
@@ -55,8 +56,13 @@ class ClientSide(StateMixin):
     def _on_register_client(
         self, ident: bytes, msg: P.RegisterClient, payload: list[Any]
     ) -> None:
+        direct = msg.direct
+        if direct is not None and (not is_ipc(direct) or ipc_path(direct) is None):
+            raise P.ProtocolError(f"a client's direct address {direct[:200]!r}")
         old = self.clients.get(ident)
-        c = self.clients[ident] = ClientRec(ident, msg.name, msg.versions, self.now)
+        c = self.clients[ident] = ClientRec(
+            ident, msg.name, msg.versions, self.now, direct
+        )
         if old is not None:
             # The same client registering again: the tasks still name it in
             # ``wanted_by``, so it must keep wanting them (or they never get released).

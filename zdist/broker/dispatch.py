@@ -240,6 +240,17 @@ class Dispatch(StateMixin):
                 deps.append([d, holder.address])
         fn_ref = None if t.fn is None else frames.add(t.fn, share=True, inline=False)
         entries.append([t.key, fn_ref, frames.add(t.args), deps, t.resources])
+        t.direct_to = None
+        if w.local and len(t.wanted_by) == 1:
+            # One client wants it, on this host: the worker sends it the result.
+            for c in t.wanted_by:
+                rec = self.clients.get(c)
+                if rec is not None and rec.direct is not None:
+                    t.direct_to = c
+                    by_client = self._run_direct.get(w.ident)
+                    if by_client is None:
+                        by_client = self._run_direct[w.ident] = {}
+                    by_client.setdefault(c, []).append(t.key)
 
     def _release_resources(self, w: Worker, t: Task) -> None:
         if t.resources:

@@ -85,6 +85,7 @@ class Task:
     __slots__ = (
         "args",
         "deps",
+        "direct_to",
         "error",
         "failed_on",
         "fn",
@@ -135,6 +136,8 @@ class Task:
         self.nbytes = 0
         self.typename = ""
         self.processing_on: bytes | None = None
+        #: The client its worker was asked to send the result to (RunTasks.direct).
+        self.direct_to: bytes | None = None
         self.wanted_by: set[bytes] = set()
         self.suspicious = 0
         self.group = ""  # dask's key_split of the key, for progress and the dashboard
@@ -154,6 +157,7 @@ class Worker:
         "ident",
         "last_seen",
         "last_sent",
+        "local",
         "local_directory",
         "local_queue",
         "memory_limit",
@@ -184,6 +188,8 @@ class Worker:
         self.avail: dict[str, float] = dict(msg.resources)
         self.pid = msg.pid
         self.local_directory = msg.local_directory
+        #: On the broker's host (over its Unix socket): may send clients results.
+        self.local = msg.local
         self.versions = msg.versions
         self.processing: dict[str, None] = {}
         self.seceded: set[str] = set()
@@ -219,12 +225,21 @@ class Worker:
 
 
 class ClientRec:
-    __slots__ = ("ident", "last_seen", "name", "versions", "wants")
+    __slots__ = ("direct", "ident", "last_seen", "name", "versions", "wants")
 
-    def __init__(self, ident: bytes, name: str, versions: dict[str, Any], now: float):
+    def __init__(
+        self,
+        ident: bytes,
+        name: str,
+        versions: dict[str, Any],
+        now: float,
+        direct: str | None = None,
+    ):
         self.ident = ident
         self.name = name
         self.versions = versions
+        #: Where this client reads results sent by workers on this host (or None).
+        self.direct = direct
         self.wants: set[str] = set()
         self.last_seen = now
 

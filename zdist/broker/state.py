@@ -113,6 +113,8 @@ class BrokerState(ClientSide, Dispatch):
         self._runs_by_worker: dict[bytes, set[int]] = {}
         self._out: list[Out] = []
         self._run_batches: dict[bytes, tuple[list[Any], P.FrameList]] = {}
+        # worker -> client -> keys whose results the worker sends the client itself.
+        self._run_direct: dict[bytes, dict[bytes, list[str]]] = {}
         self._updates: dict[bytes, tuple[list[Any], P.FrameList]] = {}
         self._free: dict[bytes, list[str]] = {}
         self.monitor = Monitor()
@@ -184,11 +186,23 @@ class BrokerState(ClientSide, Dispatch):
         out = self._out
         self._out = []
         free = self._free
+        direct = self._run_direct
         for ident, (tasks, frames) in self._run_batches.items():
             # Keys freed on a worker that also gets tasks travel in the RunTasks,
             # which the worker frees first: the order of two messages, in one.
-            out.append((ident, P.RunTasks(tasks, free.pop(ident, None)), frames.frames))
+            by_client = direct.get(ident)
+            to = None
+            if by_client is not None:
+                clients = self.clients
+                to = []
+                for c, keys in by_client.items():
+                    rec = clients.get(c)
+                    if rec is not None and rec.direct is not None:
+                        to.append([c, rec.direct, keys])
+            msg = P.RunTasks(tasks, free.pop(ident, None), to)
+            out.append((ident, msg, frames.frames))
         self._run_batches.clear()
+        direct.clear()
         for ident, keys in free.items():
             if ident in self.workers:
                 out.append((ident, P.FreeKeys(keys), []))
@@ -449,6 +463,11 @@ class BrokerState(ClientSide, Dispatch):
         # Check the whole batch first: a malformed entry must not leave earlier ones
         # applied, nor a task popped from its worker but never settled.
         frames_of = [_check_result(entry, payload) for entry in msg.results]
+        told: set[str] | None = None
+        if msg.told is not None:
+            if not all(type(k) is str for k in msg.told):
+                raise P.ProtocolError("told keys must be strings")
+            told = set(msg.told)
         for entry, frames in zip(msg.results, frames_of, strict=True):
             key, status, nbytes, typename, _ref, text, duration = entry
             t = self.tasks.get(key)
@@ -485,7 +504,9 @@ class BrokerState(ClientSide, Dispatch):
                 )
             if status == "memory":
                 self.monitor.finished(key, t.group, w.name, duration, self.wall)
-                self._task_finished(t, w, nbytes, typename, frames)
+                self._task_finished(
+                    t, w, nbytes, typename, frames, told is not None and key in told
+                )
             elif status == "error":
                 assert frames is not None
                 if t.retries > 0:
@@ -514,8 +535,15 @@ class BrokerState(ClientSide, Dispatch):
         self._dirty = True
 
     def _task_finished(
-        self, t: Task, w: Worker, nbytes: int, typename: str, inline: list[Any] | None
+        self,
+        t: Task,
+        w: Worker,
+        nbytes: int,
+        typename: str,
+        inline: list[Any] | None,
+        told: bool = False,
     ) -> None:
+        """``told``: the worker sent the result to ``t.direct_to`` itself."""
         self._transition(t, TaskState.MEMORY, w.name)
         self.counters["tasks_done"] += 1
         t.who_has.add(w.ident)
@@ -525,8 +553,10 @@ class BrokerState(ClientSide, Dispatch):
         t.inline = inline
         wanted_by = t.wanted_by
         if wanted_by:
+            told_client = t.direct_to if told else None
             for c in wanted_by:
-                self._update(c, t.key, "finished", inline, "")
+                if c != told_client:
+                    self._update(c, t.key, "finished", inline, "")
             wanted_by.discard(FIRE_AND_FORGET)
         tasks = self.tasks
         for d in self.graph.dependents(t.key):

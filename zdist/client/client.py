@@ -112,7 +112,9 @@ class Client:
             self._take_releases,
             self._unwanted,
         )
-        welcome = self._conn.start(P.RegisterClient(self.name, versions()))
+        welcome = self._conn.start(
+            P.RegisterClient(self.name, versions(), self._conn.direct)
+        )
         self.scheduler_address = welcome.address or address
         self.status = "running"
         # The seed insists on one Python everywhere: a pickled function needs the same
@@ -214,7 +216,9 @@ class Client:
         elif isinstance(msg, P.Error):
             if msg.text == "unregistered":
                 self._on_lost("the broker restarted and no longer knows these tasks")
-                self._conn.send(P.RegisterClient(self.name, versions()))
+                self._conn.send(
+                    P.RegisterClient(self.name, versions(), self._conn.direct)
+                )
             else:
                 logger.warning("broker error: %s", msg.text)
         elif isinstance(msg, P.Heartbeat):

@@ -35,7 +35,12 @@ import zmq
 
 from zdist import protocol as P
 from zdist.errors import CommClosedError, ZdistError
-from zdist.localsocket import check_local_socket
+from zdist.localsocket import (
+    bind_local_socket,
+    check_local_socket,
+    remove_socket,
+    user_socket_dir,
+)
 from zdist.net import is_ipc
 from zdist.security import Security
 from zdist.wire import readable, recv_ready, send_frames
@@ -133,6 +138,13 @@ class Connection:
         self.sock.sndhwm = 0
         self.sock.rcvhwm = 0
         self.sock.identity = f"c-{uuid.uuid4().hex}".encode()
+        #: Where workers on this host send this client results themselves (see
+        #: zdist.worker.direct): the receiving socket also listens on a Unix socket
+        #: of ours. Nothing is ever sent on that socket but the registration, before
+        #: anyone knows the address, so its messages all go to the broker.
+        self.direct: str | None = None
+        if is_ipc(address):  # on the broker's host
+            self.direct = _listen_locally(self.sock)
         self.out = self.ctx.socket(zmq.DEALER)
         self.out.linger = 0
         self.out.sndhwm = 0
@@ -356,6 +368,8 @@ class Connection:
         self._wake.wake()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(5)
+        elif self._thread.ident is None and self.direct is not None:
+            remove_socket(self.direct)  # never started: its finally will not run
         for slot in list(self._requests.values()):
             slot.event.set()
 
@@ -424,6 +438,8 @@ class Connection:
             with self._rx_lock:
                 self._rx_closed = True
                 self.sock.close(linger=0)
+                if self.direct is not None:
+                    remove_socket(self.direct)
             with self._send_lock:
                 self.out.close(linger=0)
             self._run_deferred()
@@ -502,3 +518,18 @@ class Connection:
                 slot.event.set()
         else:
             self._on_message(msg, payload)
+
+
+def _listen_locally(sock: zmq.Socket[Any]) -> str | None:
+    """Bind ``sock`` to a new Unix socket in this user's private directory; its
+    address, or None where that cannot be (results then all come by the broker)."""
+    directory = user_socket_dir()
+    if directory is None:
+        return None
+    try:
+        return bind_local_socket(
+            sock, os.path.join(directory, f"{uuid.uuid4().hex}.sock"), zap=False
+        )
+    except (OSError, zmq.ZMQError, ZdistError) as exc:
+        logger.info("results will all come by the broker: %s", exc)
+        return None

@@ -33,6 +33,7 @@ from zdist.net import interface_ip, is_ipc, local_ip_towards, split_address
 from zdist.security import Security
 from zdist.wire import recv_ready, send_frames
 from zdist.worker import context
+from zdist.worker.direct import ClientLinks
 from zdist.worker.execute import FunctionCache, Outcome, run_task
 from zdist.worker.memory import SpillBuffer, process_memory
 from zdist.worker.scratch import Janitor, make_local_directory
@@ -131,6 +132,9 @@ class Worker(PeerTransfer):
         os.set_blocking(self._wake_r, False)
         self._results: list[Any] = []
         self._result_frames = P.FrameList()
+        # Keys whose results go straight to their client (RunTasks.direct).
+        self._direct: dict[str, tuple[bytes, str]] = {}
+        self._links = ClientLinks(self.ctx)
         self._threads: list[threading.Thread] = []
         self._threads_lock = threading.Lock()
         self._active_threads = 0
@@ -254,6 +258,7 @@ class Worker(PeerTransfer):
                 self.local_directory,
                 self.versions,
                 list(self.data),
+                is_ipc(self.broker_address),
             )
         )
         if not self._last_heard:
@@ -339,6 +344,8 @@ class Worker(PeerTransfer):
             "shm_served": self.shm.written,
             "shm_fallbacks": self.shm_fallbacks,
             "shm_adopted": self.shm_adopted,
+            "direct_sent": self._links.sent,
+            "direct_missed": self._links.missed,
             "time": time.time(),
         }
 
@@ -423,6 +430,8 @@ class Worker(PeerTransfer):
     def _on_run_tasks(self, msg: P.RunTasks, payload: list[Any]) -> None:
         if msg.free:
             self._free(msg.free)
+        if msg.direct:
+            self._note_direct(msg.direct)
         fetch: dict[str, list[str]] = {}
         # A map's tasks share one function frame: copy it to bytes once per message
         # (bytes cache their hash, which the function cache is keyed by).
@@ -455,6 +464,20 @@ class Worker(PeerTransfer):
                 self._ready.put(t)
         for peer, keys in fetch.items():
             self._fetch(peer, keys)
+
+    def _note_direct(self, direct: list[Any]) -> None:
+        for entry in direct:
+            if (
+                type(entry) is not list
+                or len(entry) != 3
+                or type(entry[0]) is not bytes
+                or type(entry[1]) is not str
+                or type(entry[2]) is not list
+            ):
+                raise P.ProtocolError(f"malformed RunTasks.direct entry {entry!r}")
+            to = (entry[0], entry[1])
+            for key in entry[2]:
+                self._direct[key] = to
 
     def _may_run_inline(self, t: _Task) -> bool:
         """A lone, known-quick task while every task thread is idle: run it here on
@@ -604,9 +627,34 @@ class Worker(PeerTransfer):
 
     def flush_results(self) -> None:
         if self._results and self.status in ("running", "closing", "retiring"):
-            self._send(P.TaskResults(self._results), self._result_frames.frames)
+            told = self._send_direct() if self._direct else None
+            self._send(P.TaskResults(self._results, told), self._result_frames.frames)
             self._results = []
             self._result_frames = P.FrameList()
+
+    def _send_direct(self) -> list[str] | None:
+        """Send the results the broker asked us to deliver (RunTasks.direct) to their
+        clients; the keys that went out, for TaskResults.told. A result kept here
+        (too large to travel inline) or an error goes by the broker, which decides
+        about retries and fetching."""
+        direct = self._direct
+        frames = self._result_frames.frames
+        groups: dict[tuple[bytes, str], tuple[list[Any], P.FrameList]] = {}
+        for r in self._results:
+            to = direct.pop(r[0], None)
+            if to is None or r[1] != "memory" or r[4] is None:
+                continue
+            group = groups.get(to)
+            if group is None:
+                group = groups[to] = ([], P.FrameList())
+            ref = group[1].add(P.ref_frames(frames, r[4]))
+            group[0].append([r[0], "finished", ref, ""])
+        told: list[str] = []
+        for (ident, address), (updates, fl) in groups.items():
+            msg = P.encode(P.TaskUpdates(updates), fl.frames)
+            if self._links.send(ident, address, msg):
+                told.extend(u[0] for u in updates)
+        return told or None
 
     # ==================================================================================
     # Client.run
@@ -707,6 +755,7 @@ class Worker(PeerTransfer):
             sock.close(linger=0)
         if self.broker is not None:
             self.broker.close(linger=0)
+        self._links.close()
         self.data_sock.close(linger=0)
         if self._auth is not None:
             self._auth.stop()

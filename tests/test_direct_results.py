@@ -1,0 +1,375 @@
+"""Results sent by a worker straight to a client on the same host (zdist.worker.direct).
+
+A client that reaches the broker over its Unix socket also listens on one of its own
+(RegisterClient.direct); for a task only that client wants, running on a worker that
+is also on the broker's host (RegisterWorker.local), the broker asks the worker to send
+the result there (RunTasks.direct). The worker names the keys it delivered
+(TaskResults.told) and the broker then sends that client nothing for them; any result
+the worker could not hand to a live connection goes by the broker as before.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import pytest
+import tasks
+import zmq
+from test_broker_state import Sim, T, run_keys, sent, updates
+from test_local_socket import NOBODY, _in_child, _require_root
+from test_worker_protocol import ScriptedBroker
+from utils import wait_for
+
+from zdist import Client, LocalCluster, serialize
+from zdist import protocol as P
+from zdist.localsocket import bind_local_socket, user_socket_dir
+from zdist.wire import recv_ready
+from zdist.worker.worker import Worker, WorkerConfig
+
+pytestmark = pytest.mark.timeout(120)
+
+C1, C2 = b"c1", b"c2"
+W1, W2 = b"w1", b"w2"
+DIRECT = "ipc:///tmp/zdist-sockets-0/c1.sock"
+
+
+def _register(sim: Sim, worker: bytes, local: bool) -> None:
+    sim.send(
+        worker,
+        P.RegisterWorker(
+            worker.decode(),
+            1,
+            2**30,
+            {},
+            f"tcp://{worker.decode()}:9000",
+            "node-a",
+            1234,
+            "/tmp/zdist",
+            {"python": "3.11"},
+            [],
+            local,
+        ),
+    )
+
+
+def _client(sim: Sim, ident: bytes, direct: str | None) -> None:
+    sim.send(ident, P.RegisterClient(ident.decode(), {"python": "3.11"}, direct))
+
+
+def _direct(out: list[Any], worker: bytes) -> list[Any]:
+    return [e for m in sent(out, P.RunTasks, worker) for e in m.direct or ()]
+
+
+def _finish(sim: Sim, worker: bytes, key: str, told: list[str] | None) -> None:
+    entry = [key, "memory", 5, "bytes", [0, 1], "", 0.001]
+    sim.send(worker, P.TaskResults([entry], told), [b"value"])
+
+
+# --- the broker's side, pure ---------------------------------------------------------
+
+
+def test_a_local_worker_is_asked_to_deliver_and_the_broker_then_stays_quiet() -> None:
+    sim = Sim()
+    _register(sim, W1, local=True)
+    _client(sim, C1, DIRECT)
+    sim.flush()
+    sim.submit(C1, T("a"))
+    out = sim.flush()
+    assert run_keys(out) == {W1: ["a"]}
+    assert _direct(out, W1) == [[C1, DIRECT, ["a"]]]
+    _finish(sim, W1, "a", told=["a"])
+    assert updates(sim.flush()) == {}  # the worker told the client itself
+    assert sim.state("a").name == "MEMORY"
+
+
+def test_a_result_the_worker_did_not_deliver_goes_by_the_broker() -> None:
+    sim = Sim()
+    _register(sim, W1, local=True)
+    _client(sim, C1, DIRECT)
+    sim.submit(C1, T("a"))
+    assert _direct(sim.flush(), W1) == [[C1, DIRECT, ["a"]]]
+    _finish(sim, W1, "a", told=None)  # not connected yet, say
+    assert updates(sim.flush()) == {C1: [("a", "finished", [b"value"], "")]}
+
+
+def test_no_direct_delivery_to_a_remote_worker_or_a_tcp_client() -> None:
+    sim = Sim()
+    _register(sim, W1, local=False)
+    _client(sim, C1, DIRECT)
+    sim.submit(C1, T("a"))
+    out = sim.flush()
+    assert run_keys(out) == {W1: ["a"]}
+    assert _direct(out, W1) == []
+    sim = Sim()
+    _register(sim, W1, local=True)
+    _client(sim, C1, None)
+    sim.submit(C1, T("a"))
+    out = sim.flush()
+    assert run_keys(out) == {W1: ["a"]}
+    assert _direct(out, W1) == []
+
+
+def test_a_key_two_clients_want_goes_by_the_broker_to_both() -> None:
+    sim = Sim()
+    _register(sim, W1, local=True)
+    _client(sim, C1, DIRECT)
+    _client(sim, C2, DIRECT.replace("c1", "c2"))
+    sim.submit(C1, T("a"))
+    sim.submit(C2, T("a"))
+    out = sim.flush()
+    assert run_keys(out) == {W1: ["a"]}
+    assert _direct(out, W1) == []
+    _finish(sim, W1, "a", told=None)
+    got = updates(sim.flush())
+    assert set(got) == {C1, C2}
+
+
+def test_told_spares_only_the_client_that_was_told() -> None:
+    # Dispatched while only c1 wanted it; c2 asked for it before it finished.
+    sim = Sim()
+    _register(sim, W1, local=True)
+    _client(sim, C1, DIRECT)
+    _client(sim, C2, None)
+    sim.submit(C1, T("a"))
+    assert _direct(sim.flush(), W1) == [[C1, DIRECT, ["a"]]]
+    sim.submit(C2, T("a"))
+    sim.flush()
+    _finish(sim, W1, "a", told=["a"])
+    assert updates(sim.flush()) == {C2: [("a", "finished", [b"value"], "")]}
+
+
+def test_a_released_key_delivered_directly_is_freed_on_its_worker() -> None:
+    # The client got the result from the worker and released it before the
+    # worker's report reached the broker: the worker is told to drop it.
+    sim = Sim()
+    _register(sim, W1, local=True)
+    _client(sim, C1, DIRECT)
+    sim.submit(C1, T("a"))
+    sim.flush()
+    sim.send(C1, P.ReleaseKeys(["a"]))
+    sim.flush()
+    _finish(sim, W1, "a", told=["a"])
+    out = sim.flush()
+    assert updates(out) == {}
+    assert "a" not in sim.st.tasks
+    assert [k for m in sent(out, P.FreeKeys, W1) for k in m.keys] == ["a"]
+
+
+@pytest.mark.parametrize(
+    "direct", ["tcp://127.0.0.1:1", "ipc://relative/path", "ipc:///" + "x" * 200]
+)
+def test_a_client_direct_address_must_be_a_unix_socket(direct: str) -> None:
+    sim = Sim()
+    msg, frames = P.decode(P.encode(P.RegisterClient("c", {}, direct)))
+    with pytest.raises(P.ProtocolError):
+        sim.st.handle(C1, msg, frames, 0.0)
+    assert C1 not in sim.st.clients
+
+
+def test_told_must_name_strings() -> None:
+    sim = Sim()
+    _register(sim, W1, local=True)
+    _client(sim, C1, DIRECT)
+    sim.submit(C1, T("a"))
+    sim.flush()
+    entry = ["a", "memory", 5, "bytes", [0, 1], "", 0.001]
+    msg, frames = P.decode(P.encode(P.TaskResults([entry], [1]), [b"value"]))
+    with pytest.raises(P.ProtocolError):
+        sim.st.handle(W1, msg, frames, 0.0)
+    assert sim.state("a").name == "PROCESSING"
+
+
+# --- a real worker, a scripted broker, a scripted client -----------------------------
+
+
+@pytest.fixture
+def client_socket() -> Iterator[tuple[zmq.Socket[Any], str]]:
+    """A client's receiving socket listening on a Unix socket of ours."""
+    directory = user_socket_dir()
+    assert directory is not None
+    ctx: zmq.Context[Any] = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.identity = b"c-direct-test"
+    path = os.path.join(directory, f"test-{os.getpid()}.sock")
+    address = bind_local_socket(sock, path, zap=False)
+    try:
+        yield sock, address
+    finally:
+        sock.close()
+        ctx.term()
+        os.unlink(path)
+
+
+@pytest.fixture
+def broker_and_worker() -> Iterator[tuple[ScriptedBroker, Worker]]:
+    broker = ScriptedBroker()
+    worker = Worker(WorkerConfig(address=broker.address, security=None))
+    thread = threading.Thread(target=worker.run, name="worker-loop", daemon=True)
+    thread.start()
+    try:
+        broker.expect(P.RegisterWorker)
+        broker.send(P.Welcome(1.0, 30, {}, broker.address))
+        yield broker, worker
+    finally:
+        worker.stop()
+        thread.join(30)
+        broker.close()
+    assert not thread.is_alive()
+
+
+def _run_direct(
+    broker: ScriptedBroker, key: str, value: Any, ident: bytes, address: str
+) -> Any:
+    fl = P.FrameList()
+    fn_ref = fl.add([cloudpickle.dumps(tasks.identity)], inline=False)
+    args_ref = fl.add(serialize.dumps(((value,), {})))
+    direct = [[ident, address, [key]]]
+    run = P.RunTasks([[key, fn_ref, args_ref, [], None]], None, direct)
+    broker.send(run, fl.frames)
+    results, _ = broker.expect(P.TaskResults)
+    assert [(r[0], r[1]) for r in results.results] == [(key, "memory")]
+    return results
+
+
+def _received(sock: zmq.Socket[Any]) -> dict[str, Any]:
+    """What reached the client socket so far: key -> value."""
+    got = {}
+    while (frames := recv_ready(sock)) is not None:
+        msg, payload = P.decode(frames)
+        assert isinstance(msg, P.TaskUpdates)
+        for key, status, ref, _ in msg.updates:
+            assert status == "finished"
+            got[key] = serialize.loads(P.ref_frames(payload, ref))
+    return got
+
+
+def test_the_worker_tells_exactly_the_results_it_delivered(
+    broker_and_worker: tuple[ScriptedBroker, Worker],
+    client_socket: tuple[zmq.Socket[Any], str],
+) -> None:
+    broker, _ = broker_and_worker
+    sock, address = client_socket
+    told: dict[str, bool] = {}
+    # The first results may go by the broker while the connection is made.
+    for i in range(200):
+        key = f"identity-{i:04d}"
+        results = _run_direct(broker, key, i * 3, sock.identity, address)
+        told[key] = key in (results.told or ())
+        if told[key]:
+            break
+    assert any(told.values()), "no result was ever delivered directly"
+    got: dict[str, Any] = {}
+    told_keys = {k for k, v in told.items() if v}
+    wait_for(lambda: got.update(_received(sock)) or told_keys <= set(got), 10)
+    assert {k: v for k, v in got.items()} == {
+        k: int(k.split("-")[1]) * 3 for k in told_keys
+    }
+
+
+def test_a_socket_others_could_have_made_gets_nothing(
+    broker_and_worker: tuple[ScriptedBroker, Worker], tmp_path: Path
+) -> None:
+    broker, worker = broker_and_worker
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    address = f"ipc://{open_dir}/c.sock"
+    for i in range(3):
+        results = _run_direct(broker, f"identity-{i}", i, b"c-x", address)
+        assert not results.told
+    assert worker._links.sent == 0
+    assert worker._links.missed == 3
+
+
+# --- end to end ----------------------------------------------------------------------
+
+
+def test_local_cluster_results_come_straight_from_workers() -> None:
+    with LocalCluster(n_workers=2, threads_per_worker=1) as cluster:
+        with Client(cluster) as client:
+            direct = client._conn.direct
+            assert direct is not None and direct.startswith("ipc://")
+            assert os.stat(direct[len("ipc://") :]).st_mode & 0o777 == 0o600
+
+            def delivered() -> int:
+                workers = client.scheduler_info()["workers"].values()
+                return sum(w["metrics"].get("direct_sent", 0) for w in workers)
+
+            n = 0
+
+            def round_trips() -> int:
+                nonlocal n
+                for _ in range(20):
+                    assert client.submit(tasks.inc, n).result() == n + 1
+                    n += 1
+                return delivered()
+
+            wait_for(round_trips, 30, what="a result sent by a worker")
+            # A map and a graph still come back whole, some by either road.
+            assert client.gather(client.map(tasks.inc, range(500))) == list(
+                range(1, 501)
+            )
+        assert not os.path.exists(direct[len("ipc://") :])
+
+
+def test_a_tcp_client_gets_everything_by_the_broker() -> None:
+    with LocalCluster(n_workers=1, threads_per_worker=1, protocol="tcp") as cluster:
+        with Client(cluster) as client:
+            assert client._conn.direct is None
+            assert [client.submit(tasks.inc, i).result() for i in range(20)] == list(
+                range(1, 21)
+            )
+            workers = client.scheduler_info()["workers"].values()
+            assert sum(w["metrics"].get("direct_sent", 0) for w in workers) == 0
+
+
+def test_another_user_cannot_send_a_client_results(tmp_path: Path) -> None:
+    # A forged "finished" for a pending future, sent as another user to the
+    # client's socket, must never arrive; as our own user (the control), it does.
+    _require_root()
+    with LocalCluster(n_workers=1, threads_per_worker=1) as cluster:
+        with Client(cluster) as client:
+            address = client._conn.direct
+            assert address is not None
+            ident = client._conn.sock.identity
+            gate = tmp_path / "gate"
+            try:
+                for uid, key_suffix in ((NOBODY, "a"), (None, "b")):
+                    fut = client.submit(
+                        tasks.wait_for_path, str(gate), key=f"gate-{key_suffix}"
+                    )
+
+                    def forge(key: str = fut.key) -> str:
+                        ctx: zmq.Context[Any] = zmq.Context()
+                        s = ctx.socket(zmq.ROUTER)
+                        s.linger = 1000
+                        s.router_mandatory = 1
+                        s.connect(address)
+                        frames = P.encode(
+                            P.TaskUpdates([[key, "finished", [0, 1], ""]]),
+                            serialize.dumps("forged"),
+                        )
+                        for _ in range(200):  # up to 2 s for the handshake
+                            try:
+                                s.send_multipart([ident, *frames])
+                                return "sent"
+                            except zmq.ZMQError:
+                                s.poll(10)
+                        return "refused"
+
+                    outcome = _in_child(uid, forge)
+                    if uid == NOBODY:
+                        assert outcome == "refused"
+                        assert not fut.done()
+                    else:
+                        assert outcome == "sent"
+                        assert fut.result(timeout=10) == "forged"
+            finally:
+                gate.touch()
+            assert client.submit(tasks.inc, 1).result() == 2

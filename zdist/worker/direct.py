@@ -1,0 +1,91 @@
+"""Results sent straight to a client on this host (RunTasks.direct).
+
+A client on the broker's host also listens on a Unix socket in its private directory
+(RegisterClient.direct). For a task that only that client wants, the broker asks the
+worker to send the result there itself: one hop instead of two (worker -> broker ->
+client), and the broker off the path of a ``submit(f, x).result()`` round trip. The
+worker still reports the result to the broker, naming the keys it delivered
+(TaskResults.told), and the broker then sends that client nothing for them.
+
+Nothing here waits: a client not connected yet (the first result after a connect,
+while ZeroMQ's handshake runs), gone, or not reading fast enough (its queue is full)
+makes :meth:`ClientLinks.send` return False, and that result goes by the broker as
+before. A ROUTER with ``router_mandatory`` tells those cases apart from a send that
+was queued on a live connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from zdist.errors import SecurityError
+from zdist.localsocket import check_local_socket
+from zdist.wire import NOBLOCK, send_frames
+
+logger = logging.getLogger(__name__)
+
+#: Client sockets a worker stays connected to; the least recently used goes first.
+MAX_LINKS = 16
+
+
+class ClientLinks:
+    """One ROUTER socket connected to the Unix sockets of the clients it serves."""
+
+    def __init__(self, ctx: zmq.Context[Any]) -> None:
+        self.ctx = ctx
+        self.sock: zmq.Socket[Any] | None = None
+        # address as the broker named it -> the checked address connected to
+        self._links: OrderedDict[str, str] = OrderedDict()
+        self._refused: set[str] = set()
+        self.sent = 0  # messages handed to a client connection
+        self.missed = 0  # results that went by the broker instead
+
+    def send(self, ident: bytes, address: str, frames: Sequence[Any]) -> bool:
+        """Queue ``frames`` for the client ``ident`` listening at ``address``; False
+        if it cannot be reached now (the caller sends the result by the broker)."""
+        if address in self._refused:
+            self.missed += 1
+            return False
+        sock = self.sock
+        if sock is None:
+            sock = self.sock = self.ctx.socket(zmq.ROUTER)
+            sock.linger = 0
+            sock.router_mandatory = 1
+        link = self._links.get(address)
+        if link is None:
+            try:
+                # Only we can have made it (zdist.localsocket): a socket planted by
+                # another user would receive our results.
+                link = check_local_socket(address)
+            except SecurityError as exc:
+                logger.warning("not sending results to %s: %s", address, exc)
+                self._refused.add(address)
+                self.missed += 1
+                return False
+            sock.connect(link)
+            self._links[address] = link
+            while len(self._links) > MAX_LINKS:
+                _, oldest = self._links.popitem(last=False)
+                try:
+                    sock.disconnect(oldest)
+                except zmq.ZMQError:
+                    pass
+        else:
+            self._links.move_to_end(address)
+        try:
+            send_frames(sock, [ident, *frames], NOBLOCK)
+        except zmq.ZMQError:  # not connected (yet), or its queue is full
+            self.missed += 1
+            return False
+        self.sent += 1
+        return True
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
