@@ -65,16 +65,21 @@ WAIT_RECHECK_MS = 1000
 class _Waker:
     """A non-blocking pipe a thread polls beside the socket, written to wake it: the
     I/O thread's, and each waiting thread's (written when another thread finishes
-    its future)."""
+    its future). ``owner``: the thread that polls it, if known; it is awake when it
+    wakes itself (a waiting thread finishing its own future as it reads), and the
+    write, and the next poll's early return and read, would be for nothing."""
 
-    __slots__ = ("r", "w")
+    __slots__ = ("owner", "r", "w")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: int | None = None) -> None:
+        self.owner = owner
         self.r, self.w = os.pipe()
         os.set_blocking(self.r, False)
         os.set_blocking(self.w, False)
 
     def wake(self) -> None:
+        if self.owner is not None and self.owner == threading.get_ident():
+            return
         try:
             os.write(self.w, b"x")
         except OSError:  # full (it is waking anyway) or closed
@@ -277,7 +282,7 @@ class Connection:
         deadline = None if timeout is None else time.monotonic() + timeout
         waker = getattr(self._wakers, "waker", None)
         if waker is None:
-            waker = self._wakers.waker = _Waker()
+            waker = self._wakers.waker = _Waker(threading.get_ident())
         counted = False
         try:
             if not st.add_waker(waker):
