@@ -62,10 +62,24 @@ def _client(sim: Sim, ident: bytes, direct: str | None) -> None:
 
 
 def _direct(out: list[Any], worker: bytes) -> list[Any]:
-    return [e for m in sent(out, P.RunTasks, worker) for e in m.direct or ()]
+    """RunTasks.direct entries to ``worker``, without the run numbers."""
+    return [
+        [c, address, [key for key, _ in runs]]
+        for m in sent(out, P.RunTasks, worker)
+        for c, address, runs in m.direct or ()
+    ]
 
 
-def _finish(sim: Sim, worker: bytes, key: str, told: list[str] | None) -> None:
+def _runs(out: list[Any], worker: bytes) -> dict[str, int]:
+    return {
+        key: run
+        for m in sent(out, P.RunTasks, worker)
+        for _, _, runs in m.direct or ()
+        for key, run in runs
+    }
+
+
+def _finish(sim: Sim, worker: bytes, key: str, told: list[Any] | None) -> None:
     entry = [key, "memory", 5, "bytes", [0, 1], "", 0.001]
     sim.send(worker, P.TaskResults([entry], told), [b"value"])
 
@@ -82,7 +96,7 @@ def test_a_local_worker_is_asked_to_deliver_and_the_broker_then_stays_quiet() ->
     out = sim.flush()
     assert run_keys(out) == {W1: ["a"]}
     assert _direct(out, W1) == [[C1, DIRECT, ["a"]]]
-    _finish(sim, W1, "a", told=["a"])
+    _finish(sim, W1, "a", told=[["a", _runs(out, W1)["a"]]])
     assert updates(sim.flush()) == {}  # the worker told the client itself
     assert sim.state("a").name == "MEMORY"
 
@@ -136,10 +150,11 @@ def test_told_spares_only_the_client_that_was_told() -> None:
     _client(sim, C1, DIRECT)
     _client(sim, C2, None)
     sim.submit(C1, T("a"))
-    assert _direct(sim.flush(), W1) == [[C1, DIRECT, ["a"]]]
+    out = sim.flush()
+    assert _direct(out, W1) == [[C1, DIRECT, ["a"]]]
     sim.submit(C2, T("a"))
     sim.flush()
-    _finish(sim, W1, "a", told=["a"])
+    _finish(sim, W1, "a", told=[["a", _runs(out, W1)["a"]]])
     assert updates(sim.flush()) == {C2: [("a", "finished", [b"value"], "")]}
 
 
@@ -150,18 +165,43 @@ def test_a_released_key_delivered_directly_is_freed_on_its_worker() -> None:
     _register(sim, W1, local=True)
     _client(sim, C1, DIRECT)
     sim.submit(C1, T("a"))
-    sim.flush()
+    run = _runs(sim.flush(), W1)["a"]
     sim.send(C1, P.ReleaseKeys(["a"]))
     sim.flush()
-    _finish(sim, W1, "a", told=["a"])
+    _finish(sim, W1, "a", told=[["a", run]])
     out = sim.flush()
     assert updates(out) == {}
     assert "a" not in sim.st.tasks
     assert [k for m in sent(out, P.FreeKeys, W1) for k in m.keys] == ["a"]
 
 
+def test_a_late_report_of_an_earlier_run_does_not_silence_the_broker() -> None:
+    # The client got run 1's result directly, released it and submitted the same
+    # key again (the release rides in the Submit); it runs on the same worker. The
+    # worker's late report of run 1 names run 1: the broker tells the client (the
+    # new future must not depend on run 2 also reaching it directly).
+    sim = Sim()
+    _register(sim, W1, local=True)
+    _client(sim, C1, DIRECT)
+    sim.submit(C1, T("a"))
+    first = _runs(sim.flush(), W1)["a"]
+    fl = P.FrameList()
+    entry = ["a", fl.add([b"fn:a"]), fl.add([b"args:a"]), [], 0, 0, None, None, False]
+    sim.send(C1, P.Submit([entry], ["a"], ["a"]), fl.frames)
+    second = _runs(sim.flush(), W1)["a"]
+    assert second != first
+    _finish(sim, W1, "a", told=[["a", first]])
+    assert updates(sim.flush()) == {C1: [("a", "finished", [b"value"], "")]}
+
+
 @pytest.mark.parametrize(
-    "direct", ["tcp://127.0.0.1:1", "ipc://relative/path", "ipc:///" + "x" * 200]
+    "direct",
+    [
+        "tcp://127.0.0.1:1",
+        "ipc://relative/path",
+        "ipc:///" + "x" * 200,
+        "ipc:///tmp/a\x00b",
+    ],
 )
 def test_a_client_direct_address_must_be_a_unix_socket(direct: str) -> None:
     sim = Sim()
@@ -171,17 +211,18 @@ def test_a_client_direct_address_must_be_a_unix_socket(direct: str) -> None:
     assert C1 not in sim.st.clients
 
 
-def test_told_must_name_strings() -> None:
+def test_told_must_name_keys_and_runs() -> None:
     sim = Sim()
     _register(sim, W1, local=True)
     _client(sim, C1, DIRECT)
     sim.submit(C1, T("a"))
     sim.flush()
     entry = ["a", "memory", 5, "bytes", [0, 1], "", 0.001]
-    msg, frames = P.decode(P.encode(P.TaskResults([entry], [1]), [b"value"]))
-    with pytest.raises(P.ProtocolError):
-        sim.st.handle(W1, msg, frames, 0.0)
-    assert sim.state("a").name == "PROCESSING"
+    for told in ([1], ["a"], [["a", "1"]], [[1, 1]]):
+        msg, frames = P.decode(P.encode(P.TaskResults([entry], told), [b"value"]))
+        with pytest.raises(P.ProtocolError):
+            sim.st.handle(W1, msg, frames, 0.0)
+        assert sim.state("a").name == "PROCESSING"
 
 
 # --- a real worker, a scripted broker, a scripted client -----------------------------
@@ -224,12 +265,17 @@ def broker_and_worker() -> Iterator[tuple[ScriptedBroker, Worker]]:
 
 
 def _run_direct(
-    broker: ScriptedBroker, key: str, value: Any, ident: bytes, address: str
+    broker: ScriptedBroker,
+    key: str,
+    value: Any,
+    ident: bytes,
+    address: str,
+    run: int = 7,
 ) -> Any:
     fl = P.FrameList()
     fn_ref = fl.add([cloudpickle.dumps(tasks.identity)], inline=False)
     args_ref = fl.add(serialize.dumps(((value,), {})))
-    direct = [[ident, address, [key]]]
+    direct = [[ident, address, [[key, run]]]]
     run = P.RunTasks([[key, fn_ref, args_ref, [], None]], None, direct)
     broker.send(run, fl.frames)
     results, _ = broker.expect(P.TaskResults)
@@ -242,11 +288,22 @@ def _received(sock: zmq.Socket[Any]) -> dict[str, Any]:
     got = {}
     while (frames := recv_ready(sock)) is not None:
         msg, payload = P.decode(frames)
-        assert isinstance(msg, P.TaskUpdates)
+        assert isinstance(msg, P.DirectResults)
         for key, status, ref, _ in msg.updates:
             assert status == "finished"
             got[key] = serialize.loads(P.ref_frames(payload, ref))
     return got
+
+
+def _link_up(broker: ScriptedBroker, sock: zmq.Socket[Any], address: str) -> None:
+    """Run tasks until one result reaches the client socket directly (the first
+    ones go by the broker while the worker connects); drain what came."""
+    for i in range(200):
+        key = f"identity-link-{i}"
+        if _run_direct(broker, key, i, sock.identity, address, run=i + 1).told:
+            wait_for(lambda k=key: k in _received(sock), 10)
+            return
+    raise AssertionError("no result was ever delivered directly")
 
 
 def test_the_worker_tells_exactly_the_results_it_delivered(
@@ -259,8 +316,9 @@ def test_the_worker_tells_exactly_the_results_it_delivered(
     # The first results may go by the broker while the connection is made.
     for i in range(200):
         key = f"identity-{i:04d}"
-        results = _run_direct(broker, key, i * 3, sock.identity, address)
-        told[key] = key in (results.told or ())
+        results = _run_direct(broker, key, i * 3, sock.identity, address, run=i + 1)
+        told[key] = [key, i + 1] in (results.told or ())
+        assert not results.told or told[key]  # only ever this run
         if told[key]:
             break
     assert any(told.values()), "no result was ever delivered directly"
@@ -275,16 +333,67 @@ def test_the_worker_tells_exactly_the_results_it_delivered(
 def test_a_socket_others_could_have_made_gets_nothing(
     broker_and_worker: tuple[ScriptedBroker, Worker], tmp_path: Path
 ) -> None:
+    # A live client socket, but in a directory anyone could have put it in.
     broker, worker = broker_and_worker
     open_dir = tmp_path / "open"
     open_dir.mkdir()
     open_dir.chmod(0o777)
+    ctx: zmq.Context[Any] = zmq.Context()
+    planted = ctx.socket(zmq.DEALER)
+    planted.linger = 0
+    planted.identity = b"c-x"
     address = f"ipc://{open_dir}/c.sock"
-    for i in range(3):
+    planted.bind(address)
+    try:
+        for i in range(20):
+            results = _run_direct(broker, f"identity-{i}", i, b"c-x", address)
+            assert not results.told
+        assert worker._links.sent == 0
+        assert worker._links.missed == 20
+        assert not planted.poll(200)
+    finally:
+        planted.close()
+        ctx.term()
+
+
+def test_a_bad_client_address_costs_the_worker_nothing(
+    broker_and_worker: tuple[ScriptedBroker, Worker],
+) -> None:
+    broker, worker = broker_and_worker
+    for i, address in enumerate(["ipc:///tmp/a\x00b", "ipc://relative", "tcp://x:1"]):
         results = _run_direct(broker, f"identity-{i}", i, b"c-x", address)
         assert not results.told
-    assert worker._links.sent == 0
     assert worker._links.missed == 3
+    results = _run_direct(broker, "identity-9", 9, b"c-x", "ipc:///tmp/a\x00b")
+    assert not results.told  # still serving
+
+
+def test_a_cancelled_task_that_runs_on_reports_to_the_broker_only(
+    broker_and_worker: tuple[ScriptedBroker, Worker],
+    client_socket: tuple[zmq.Socket[Any], str],
+    tmp_path: Path,
+) -> None:
+    # The client was told "cancelled" by the broker; the task, already running,
+    # must not then send the client a result of its own.
+    broker, _ = broker_and_worker
+    sock, address = client_socket
+    _link_up(broker, sock, address)
+    gate = tmp_path / "gate"
+    fl = P.FrameList()
+    fn_ref = fl.add([cloudpickle.dumps(tasks.wait_for_path)], inline=False)
+    args_ref = fl.add(serialize.dumps(((str(gate),), {})))
+    key = "wait_for_path-1"
+    direct = [[sock.identity, address, [[key, 1]]]]
+    broker.send(
+        P.RunTasks([[key, fn_ref, args_ref, [], None]], None, direct), fl.frames
+    )
+    wait_for(lambda: key in broker_and_worker[1]._executing, 10)
+    broker.send(P.CancelTasks([key]))
+    gate.touch()
+    results, _ = broker.expect(P.TaskResults)
+    assert [(r[0], r[1]) for r in results.results] == [(key, "memory")]
+    assert not results.told
+    assert not sock.poll(200)
 
 
 # --- end to end ----------------------------------------------------------------------
@@ -316,6 +425,19 @@ def test_local_cluster_results_come_straight_from_workers() -> None:
                 range(1, 501)
             )
         assert not os.path.exists(direct[len("ipc://") :])
+
+
+def test_a_worker_result_never_overrides_a_settled_future() -> None:
+    with LocalCluster(n_workers=1, threads_per_worker=1) as cluster:
+        with Client(cluster) as client:
+            fut = client.submit(tasks.inc, 1)
+            assert fut.result() == 2
+            st = client._futures[fut.key]
+            st.finish("cancelled", None, "cancelled by the broker")
+            frames = serialize.dumps(99)
+            msg = P.DirectResults([[fut.key, "finished", [0, len(frames)], ""]])
+            client._on_message(msg, frames)
+            assert fut.status == "cancelled"
 
 
 def test_a_tcp_client_gets_everything_by_the_broker() -> None:

@@ -569,3 +569,35 @@ def test_our_own_user_is_served_on_the_local_socket(
     markers = [tmp_path / "touched", tmp_path / "lambda-ran"]
     assert _attack_as(None, local_broker.local, markers) >= 1
     wait_for(lambda: all(m.exists() for m in markers), 60, what="the probe's tasks")
+
+
+def test_sweep_removes_only_old_sockets_nobody_listens_on(tmp_path: Path) -> None:
+    from zdist.localsocket import STALE_AFTER, sweep_stale
+
+    tmp_path.chmod(0o700)
+
+    def unix_socket(name: str, listen: bool) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(tmp_path / name))
+        if listen:
+            s.listen(1)
+        return s
+
+    dead_old = unix_socket("dead-old.sock", listen=False)
+    dead_old.close()
+    dead_young = unix_socket("dead-young.sock", listen=False)
+    dead_young.close()
+    live_old = unix_socket("live-old.sock", listen=True)
+    (tmp_path / "file-old.sock").write_text("not a socket")
+    old = os.stat(tmp_path / "dead-young.sock").st_mtime - STALE_AFTER - 5
+    for name in ("dead-old.sock", "live-old.sock", "file-old.sock"):
+        os.utime(tmp_path / name, (old, old))
+    try:
+        assert sweep_stale(str(tmp_path)) == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "dead-young.sock",
+            "file-old.sock",
+            "live-old.sock",
+        ]
+    finally:
+        live_old.close()

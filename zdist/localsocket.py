@@ -181,6 +181,50 @@ def _remove_stale(path: str) -> None:
     raise SecurityError(f"local socket {path}: another broker is listening there")
 
 
+#: A socket file this old (seconds) that nobody listens on is a killed process's.
+STALE_AFTER = 60.0
+
+
+def sweep_stale(directory: str, now: float | None = None) -> int:
+    """Remove sockets of ours in ``directory`` that nobody has listened on for a
+    while: left by a process that was killed (a clean exit removes its own). A
+    young one may be one that is being bound, so only old ones are probed. Returns
+    how many went."""
+    import time
+
+    now = time.time() if now is None else now
+    removed = 0
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            if not entry.name.endswith(".sock"):
+                continue
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                if (
+                    stat.S_ISSOCK(st.st_mode)
+                    and st.st_uid == os.geteuid()
+                    and now - st.st_mtime > STALE_AFTER
+                    and not _listening(entry.path)
+                ):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
+
+
+def _listening(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:  # EAGAIN: a full backlog is someone listening
+        return True
+    finally:
+        probe.close()
+    return True
+
+
 def remove_socket(address: str) -> None:
     """At the broker's exit: its socket file, if it is still one of ours. The
     directory stays (see :func:`user_socket_dir`)."""

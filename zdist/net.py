@@ -60,7 +60,11 @@ def ipc_path(address: str) -> str | None:
     """The path of ``ipc:///path``, or None unless it is absolute and fits a Unix
     socket."""
     path = address[len(IPC) :]
-    if not path.startswith("/") or len(os.fsencode(path)) > MAX_IPC_PATH:
+    if (
+        not path.startswith("/")
+        or "\x00" in path
+        or len(os.fsencode(path)) > MAX_IPC_PATH
+    ):
         return None
     return path
 

@@ -109,6 +109,8 @@ class Op(enum.IntEnum):
     CLIENT_CLOSE = 40
     ERROR = 41
     FIRE_AND_FORGET = 42
+    # worker -> client (same host)
+    DIRECT_RESULTS = 50
     REPLICATE = 14
     CLOSE_WORKER = 15
 
@@ -228,10 +230,11 @@ class RunTasks(Message):
     ``fn_ref`` is ``None`` for scattered data (``args_ref`` is the value). ``free``:
     keys to drop first, as a :class:`FreeKeys` sent before it would (one message
     instead of two on the path of every round trip). ``direct``: ``[[client_ident,
-    address, [key, ...]], ...]``, tasks whose one client reads results on a Unix
-    socket of this host (RegisterClient.direct): the worker sends their results there
-    itself, as a :class:`TaskUpdates`, and names them in TaskResults.told. That
-    takes the broker, and a hop, off the path of a one-at-a-time round trip."""
+    address, [[key, run], ...]], ...]``, tasks whose one client reads results on a
+    Unix socket of this host (RegisterClient.direct): the worker sends their results
+    there itself, as :class:`DirectResults`, and names them with ``run`` (this
+    assignment's number) in TaskResults.told. That takes the broker, and a hop, off
+    the path of a one-at-a-time round trip."""
 
     tasks: list
     free: list | None = None
@@ -246,8 +249,9 @@ class TaskResults(Message):
     message``), ``"cancelled"`` (dropped before it ran, after CancelTasks), or
     ``"missing"`` (text: the dependency key that could not be fetched, typename: the
     peer that failed to give it). ``duration`` is the run time in seconds (-1 for
-    a replica fetched from a peer). ``told``: keys of ``"memory"`` results this worker
-    has sent to their client itself (RunTasks.direct); the broker does not."""
+    a replica fetched from a peer). ``told``: ``[[key, run], ...]``, ``"memory"``
+    results this worker has sent to their client itself (RunTasks.direct); the broker
+    does not, if ``run`` is the task's current assignment."""
 
     results: list
     told: list | None = None
@@ -391,6 +395,15 @@ class TaskUpdates(Message):
     """Broker -> client, a batch. ``updates``: ``[key, status, ref, text]``; status is
     ``finished`` (ref: inline result or ``None``), ``error`` (ref: exception frames,
     text: its description), ``cancelled`` or ``lost`` (text says why)."""
+
+    updates: list
+
+
+@message(Op.DIRECT_RESULTS)
+class DirectResults(Message):
+    """Worker -> client on the same host (RunTasks.direct): ``updates`` as in
+    :class:`TaskUpdates`, all ``finished``. It may arrive before or after the broker's
+    word on the same key; it never overrides a future already settled."""
 
     updates: list
 

@@ -247,10 +247,11 @@ class Dispatch(StateMixin):
                 rec = self.clients.get(c)
                 if rec is not None and rec.direct is not None:
                     t.direct_to = c
+                    t.direct_run = run = next(self._direct_runs)
                     by_client = self._run_direct.get(w.ident)
                     if by_client is None:
                         by_client = self._run_direct[w.ident] = {}
-                    by_client.setdefault(c, []).append(t.key)
+                    by_client.setdefault(c, []).append([t.key, run])
 
     def _release_resources(self, w: Worker, t: Task) -> None:
         if t.resources:

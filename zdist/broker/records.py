@@ -85,6 +85,7 @@ class Task:
     __slots__ = (
         "args",
         "deps",
+        "direct_run",
         "direct_to",
         "error",
         "failed_on",
@@ -136,8 +137,10 @@ class Task:
         self.nbytes = 0
         self.typename = ""
         self.processing_on: bytes | None = None
-        #: The client its worker was asked to send the result to (RunTasks.direct).
+        #: The client its worker was asked to send the result to (RunTasks.direct),
+        #: and that assignment's number (a late report of an earlier run says another).
         self.direct_to: bytes | None = None
+        self.direct_run = 0
         self.wanted_by: set[bytes] = set()
         self.suspicious = 0
         self.group = ""  # dask's key_split of the key, for progress and the dashboard

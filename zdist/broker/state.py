@@ -113,8 +113,9 @@ class BrokerState(ClientSide, Dispatch):
         self._runs_by_worker: dict[bytes, set[int]] = {}
         self._out: list[Out] = []
         self._run_batches: dict[bytes, tuple[list[Any], P.FrameList]] = {}
-        # worker -> client -> keys whose results the worker sends the client itself.
-        self._run_direct: dict[bytes, dict[bytes, list[str]]] = {}
+        # worker -> client -> [key, run] whose results the worker sends the client.
+        self._run_direct: dict[bytes, dict[bytes, list[list[Any]]]] = {}
+        self._direct_runs = itertools.count(1)
         self._updates: dict[bytes, tuple[list[Any], P.FrameList]] = {}
         self._free: dict[bytes, list[str]] = {}
         self.monitor = Monitor()
@@ -195,10 +196,10 @@ class BrokerState(ClientSide, Dispatch):
             if by_client is not None:
                 clients = self.clients
                 to = []
-                for c, keys in by_client.items():
+                for c, runs in by_client.items():
                     rec = clients.get(c)
                     if rec is not None and rec.direct is not None:
-                        to.append([c, rec.direct, keys])
+                        to.append([c, rec.direct, runs])
             msg = P.RunTasks(tasks, free.pop(ident, None), to)
             out.append((ident, msg, frames.frames))
         self._run_batches.clear()
@@ -463,11 +464,18 @@ class BrokerState(ClientSide, Dispatch):
         # Check the whole batch first: a malformed entry must not leave earlier ones
         # applied, nor a task popped from its worker but never settled.
         frames_of = [_check_result(entry, payload) for entry in msg.results]
-        told: set[str] | None = None
+        told: dict[str, int] | None = None
         if msg.told is not None:
-            if not all(type(k) is str for k in msg.told):
-                raise P.ProtocolError("told keys must be strings")
-            told = set(msg.told)
+            told = {}
+            for entry in msg.told:
+                if (
+                    type(entry) is not list
+                    or len(entry) != 2
+                    or type(entry[0]) is not str
+                    or type(entry[1]) is not int
+                ):
+                    raise P.ProtocolError(f"malformed told entry {entry!r}")
+                told[entry[0]] = entry[1]
         for entry, frames in zip(msg.results, frames_of, strict=True):
             key, status, nbytes, typename, _ref, text, duration = entry
             t = self.tasks.get(key)
@@ -505,7 +513,12 @@ class BrokerState(ClientSide, Dispatch):
             if status == "memory":
                 self.monitor.finished(key, t.group, w.name, duration, self.wall)
                 self._task_finished(
-                    t, w, nbytes, typename, frames, told is not None and key in told
+                    t,
+                    w,
+                    nbytes,
+                    typename,
+                    frames,
+                    told is not None and told.get(key) == t.direct_run,
                 )
             elif status == "error":
                 assert frames is not None
@@ -543,7 +556,7 @@ class BrokerState(ClientSide, Dispatch):
         inline: list[Any] | None,
         told: bool = False,
     ) -> None:
-        """``told``: the worker sent the result to ``t.direct_to`` itself."""
+        """``told``: the worker sent this run's result to ``t.direct_to`` itself."""
         self._transition(t, TaskState.MEMORY, w.name)
         self.counters["tasks_done"] += 1
         t.who_has.add(w.ident)

@@ -115,6 +115,14 @@ class Client:
         welcome = self._conn.start(
             P.RegisterClient(self.name, versions(), self._conn.direct)
         )
+        try:
+            self._started(welcome, address, set_as_default)
+        except BaseException:
+            self._conn.close()  # its thread, its socket file
+            raise
+        self._finalizer = weakref.finalize(self, _close_connection, self._conn)
+
+    def _started(self, welcome: P.Welcome, address: str, set_as_default: bool) -> None:
         self.scheduler_address = welcome.address or address
         self.status = "running"
         # The seed insists on one Python everywhere: a pickled function needs the same
@@ -131,7 +139,7 @@ class Client:
                 f"zdist version mismatch with this client ({'; '.join(bad[:5])}); "
                 f"use one Python environment everywhere",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,  # the Client(...) call
             )
         self._previous_default: Client | None = None
         self._set_as_default = set_as_default
@@ -145,7 +153,6 @@ class Client:
             from zdist.client import dask_support
 
             self._dask_default = dask_support.become_default(self)
-        self._finalizer = weakref.finalize(self, _close_connection, self._conn)
 
     # ==================================================================================
     # futures bookkeeping (called from Future)
@@ -213,6 +220,17 @@ class Client:
                     st.finish("error", frames, text, defer)
                 elif status in ("cancelled", "lost"):
                     st.finish(status, None, text, defer)
+        elif isinstance(msg, P.DirectResults):
+            # From a worker on this host (zdist.worker.direct): the broker may have
+            # settled the future otherwise meanwhile (cancelled, say), and has the
+            # last word.
+            futures = self._futures
+            defer = self._conn.defer_callbacks
+            for key, _, ref, _ in msg.updates:
+                st = futures.get(key)
+                if st is not None:
+                    frames = P.ref_frames(payload, ref)
+                    st.finish("finished", frames, "", defer, only_pending=True)
         elif isinstance(msg, P.Error):
             if msg.text == "unregistered":
                 self._on_lost("the broker restarted and no longer knows these tasks")

@@ -39,6 +39,7 @@ from zdist.localsocket import (
     bind_local_socket,
     check_local_socket,
     remove_socket,
+    sweep_stale,
     user_socket_dir,
 )
 from zdist.net import is_ipc
@@ -490,12 +491,13 @@ class Connection:
                 return
             decoded: tuple[P.Message, list[Any]] | None = None
             try:
-                self._last_heard = time.monotonic()
                 try:
                     decoded = P.decode(frames)
                 except P.ProtocolError as exc:
                     logger.warning("dropped a message from the broker: %s", exc)
                     continue
+                if type(decoded[0]) is not P.DirectResults:  # a worker's: not news
+                    self._last_heard = time.monotonic()  # of the broker
                 self._handle(*decoded)
             except Exception:  # a bug here must not stop the client reading
                 logger.exception("client failed to handle a message from the broker")
@@ -531,6 +533,7 @@ def _listen_locally(sock: zmq.Socket[Any]) -> str | None:
     directory = user_socket_dir()
     if directory is None:
         return None
+    sweep_stale(directory)
     try:
         return bind_local_socket(
             sock, os.path.join(directory, f"{uuid.uuid4().hex}.sock"), zap=False

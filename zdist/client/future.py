@@ -64,12 +64,14 @@ class FutureState:
         frames: list[Any] | None,
         text: str,
         defer: Callable[[list[Callable[[], None]]], None] | None = None,
+        only_pending: bool = False,
     ) -> None:
         """Settle the state. Callbacks are handed to ``defer`` (the connection's I/O
         thread queue) while the connection runs; without it (after close) they run
-        here."""
+        here. ``only_pending``: leave a state already settled alone (a result sent
+        by a worker, that the broker's word may have overtaken)."""
         with self.lock:
-            if self.done and status == self.status:
+            if self.done and (only_pending or status == self.status):
                 return
             self.status = status
             self.frames = frames

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 #: Client sockets a worker stays connected to; the least recently used goes first.
 MAX_LINKS = 16
+#: Addresses remembered as refused (then forgotten all at once).
+MAX_REFUSED = 1024
 
 
 class ClientLinks:
@@ -62,12 +64,14 @@ class ClientLinks:
                 # Only we can have made it (zdist.localsocket): a socket planted by
                 # another user would receive our results.
                 link = check_local_socket(address)
-            except SecurityError as exc:
-                logger.warning("not sending results to %s: %s", address, exc)
+                sock.connect(link)
+            except (SecurityError, OSError, ValueError, zmq.ZMQError) as exc:
+                logger.warning("not sending results to %r: %s", address[:200], exc)
+                if len(self._refused) >= MAX_REFUSED:
+                    self._refused.clear()
                 self._refused.add(address)
                 self.missed += 1
                 return False
-            sock.connect(link)
             self._links[address] = link
             while len(self._links) > MAX_LINKS:
                 _, oldest = self._links.popitem(last=False)

@@ -132,8 +132,9 @@ class Worker(PeerTransfer):
         os.set_blocking(self._wake_r, False)
         self._results: list[Any] = []
         self._result_frames = P.FrameList()
-        # Keys whose results go straight to their client (RunTasks.direct).
-        self._direct: dict[str, tuple[bytes, str]] = {}
+        # Keys whose results go straight to their client (RunTasks.direct): key ->
+        # (client ident, its address, the broker's number for this assignment).
+        self._direct: dict[str, tuple[bytes, str, int]] = {}
         self._links = ClientLinks(self.ctx)
         self._threads: list[threading.Thread] = []
         self._threads_lock = threading.Lock()
@@ -426,6 +427,7 @@ class Worker(PeerTransfer):
     def _free(self, keys: list[Any]) -> None:
         for key in keys:
             self.data.discard(key)
+            self._direct.pop(key, None)
 
     def _on_run_tasks(self, msg: P.RunTasks, payload: list[Any]) -> None:
         if msg.free:
@@ -466,7 +468,8 @@ class Worker(PeerTransfer):
             self._fetch(peer, keys)
 
     def _note_direct(self, direct: list[Any]) -> None:
-        for entry in direct:
+        noted = {}
+        for entry in direct:  # all checked before any is kept
             if (
                 type(entry) is not list
                 or len(entry) != 3
@@ -475,9 +478,16 @@ class Worker(PeerTransfer):
                 or type(entry[2]) is not list
             ):
                 raise P.ProtocolError(f"malformed RunTasks.direct entry {entry!r}")
-            to = (entry[0], entry[1])
-            for key in entry[2]:
-                self._direct[key] = to
+            for run in entry[2]:
+                if (
+                    type(run) is not list
+                    or len(run) != 2
+                    or type(run[0]) is not str
+                    or type(run[1]) is not int
+                ):
+                    raise P.ProtocolError(f"malformed RunTasks.direct run {run!r}")
+                noted[run[0]] = (entry[0], entry[1], run[1])
+        self._direct.update(noted)
 
     def _may_run_inline(self, t: _Task) -> bool:
         """A lone, known-quick task while every task thread is idle: run it here on
@@ -508,7 +518,11 @@ class Worker(PeerTransfer):
         self._task_done(out)
 
     def _withdraw(self, keys: list[Any], report: bool = True) -> list[str]:
-        """Take back tasks that have not started (cancel, steal, hand-back)."""
+        """Take back tasks that have not started (cancel, steal, hand-back). A
+        running one finishes and reports to the broker only: its client may have
+        been told it is cancelled meanwhile."""
+        for key in keys:
+            self._direct.pop(key, None)
         withdrawn = []
         with self._claim:
             for key in keys:
@@ -639,21 +653,22 @@ class Worker(PeerTransfer):
         about retries and fetching."""
         direct = self._direct
         frames = self._result_frames.frames
-        groups: dict[tuple[bytes, str], tuple[list[Any], P.FrameList]] = {}
+        groups: dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]] = {}
         for r in self._results:
             to = direct.pop(r[0], None)
             if to is None or r[1] != "memory" or r[4] is None:
                 continue
-            group = groups.get(to)
+            group = groups.get(to[:2])
             if group is None:
-                group = groups[to] = ([], P.FrameList())
-            ref = group[1].add(P.ref_frames(frames, r[4]))
+                group = groups[to[:2]] = ([], [], P.FrameList())
+            ref = group[2].add(P.ref_frames(frames, r[4]))
             group[0].append([r[0], "finished", ref, ""])
-        told: list[str] = []
-        for (ident, address), (updates, fl) in groups.items():
-            msg = P.encode(P.TaskUpdates(updates), fl.frames)
+            group[1].append([r[0], to[2]])
+        told: list[Any] = []
+        for (ident, address), (updates, runs, fl) in groups.items():
+            msg = P.encode(P.DirectResults(updates), fl.frames)
             if self._links.send(ident, address, msg):
-                told.extend(u[0] for u in updates)
+                told.extend(runs)
         return told or None
 
     # ==================================================================================
