@@ -294,23 +294,30 @@ class Connection:
             poller = select.poll()
             poller.register(self._rx_fd, select.POLLIN)
             poller.register(waker.r, select.POLLIN)
+            # Every read ends by asking the socket whether more is waiting (which
+            # re-arms its descriptor), or leaves _rx_pending set: unless it is set, a
+            # poll sees whatever arrives from now on, and the first read can wait.
+            polled = not self._rx_pending
             while True:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return st.done
-                # Held by others only while they read.
-                if not self._rx_lock.acquire(timeout=-1 if left is None else left):
-                    return st.done
-                try:
-                    if self._rx_closed:
-                        break
-                    # Before polling: the socket's descriptor only signals what
-                    # arrives after the last read.
-                    self._read(until=st, deadline=deadline)
-                finally:
-                    self._rx_lock.release()
-                if st.done:
-                    return True
+                if polled:
+                    polled = False
+                else:
+                    # Held by others only while they read.
+                    if not self._rx_lock.acquire(timeout=-1 if left is None else left):
+                        return st.done
+                    try:
+                        if self._rx_closed:
+                            break
+                        # Before polling: the socket's descriptor only signals what
+                        # arrives after the last read.
+                        self._read(until=st, deadline=deadline)
+                    finally:
+                        self._rx_lock.release()
+                    if st.done:
+                        return True
                 ms = WAIT_RECHECK_MS
                 if deadline is not None:
                     ms = max(

@@ -516,6 +516,9 @@ class Worker(PeerTransfer):
         finally:
             context.set_current(None)
         self._task_done(out)
+        # Its result goes now, not after the loop's other chores: this is the
+        # latency path (one task at a time), and the send wakes the client.
+        self.flush_results()
 
     def _withdraw(self, keys: list[Any], report: bool = True) -> list[str]:
         """Take back tasks that have not started (cancel, steal, hand-back). A
