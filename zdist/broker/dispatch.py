@@ -225,6 +225,7 @@ class Dispatch(StateMixin):
             for r, need in t.resources.items():
                 w.avail[r] = w.avail.get(r, 0) - need
         batch = self._run_batches.get(w.ident)
+        first = batch is None
         if batch is None:
             batch = self._run_batches[w.ident] = ([], P.FrameList())
         entries, frames = batch
@@ -238,7 +239,9 @@ class Dispatch(StateMixin):
             else:
                 holder = self.workers[next(iter(dt.who_has))]
                 deps.append([d, holder.address])
-        fn_ref = None if t.fn is None else frames.add(t.fn, share=True, inline=False)
+        # The first task of a batch carries a small function in the header (a lone
+        # task then goes in one frame); the rest share one function frame.
+        fn_ref = None if t.fn is None else frames.add(t.fn, share=True, inline=first)
         entries.append([t.key, fn_ref, frames.add(t.args), deps, t.resources])
         t.direct_to = None
         if w.local and len(t.wanted_by) == 1:

@@ -441,7 +441,9 @@ class Worker(PeerTransfer):
         for entry in msg.tasks:
             key, fn_ref, args_ref, deps, _resources = entry
             fn = None
-            if fn_ref is not None:
+            if type(fn_ref) is bytes:  # carried in the header
+                fn = [fn_ref]
+            elif fn_ref is not None:
                 fn = functions.get((fn_ref[0], fn_ref[1]))
                 if fn is None:
                     fn = [bytes(f) for f in P.ref_frames(payload, fn_ref)]
