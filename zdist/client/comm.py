@@ -66,20 +66,22 @@ WAIT_RECHECK_MS = 1000
 class _Waker:
     """A non-blocking pipe a thread polls beside the socket, written to wake it: the
     I/O thread's, and each waiting thread's (written when another thread finishes
-    its future). ``owner``: the thread that polls it, if known; it is awake when it
-    wakes itself (a waiting thread finishing its own future as it reads), and the
-    write, and the next poll's early return and read, would be for nothing."""
+    its future). ``owner``: the thread that polls it, if known; while it reads
+    (``reading``), it is awake when it wakes itself (finishing its own future), and
+    the write, and the next poll's early return and read, would be for nothing. (A
+    signal handler on that thread, interrupting its poll, still writes.)"""
 
-    __slots__ = ("owner", "r", "w")
+    __slots__ = ("owner", "r", "reading", "w")
 
     def __init__(self, owner: int | None = None) -> None:
         self.owner = owner
+        self.reading = False
         self.r, self.w = os.pipe()
         os.set_blocking(self.r, False)
         os.set_blocking(self.w, False)
 
     def wake(self) -> None:
-        if self.owner is not None and self.owner == threading.get_ident():
+        if self.reading and self.owner == threading.get_ident():
             return
         try:
             os.write(self.w, b"x")
@@ -308,6 +310,7 @@ class Connection:
                     # Held by others only while they read.
                     if not self._rx_lock.acquire(timeout=-1 if left is None else left):
                         return st.done
+                    waker.reading = True
                     try:
                         if self._rx_closed:
                             break
@@ -315,6 +318,7 @@ class Connection:
                         # arrives after the last read.
                         self._read(until=st, deadline=deadline)
                     finally:
+                        waker.reading = False
                         self._rx_lock.release()
                     if st.done:
                         return True
@@ -485,19 +489,25 @@ class Connection:
                 logger.exception("client failed to handle a message from the broker")
             redo.popleft()  # not if interrupted: then it is handled again
         while True:
+            # Set while the socket is touched, cleared once it is seen empty: a
+            # read interrupted anywhere (Ctrl-C) leaves it set, so the next reader
+            # reads before it polls (the descriptor may have been drained).
+            self._rx_pending = True
             if until is not None and (
                 until.done or (deadline is not None and time.monotonic() >= deadline)
             ):
                 if readable(sock):
-                    self._rx_pending = True
                     self.wake()
-                return
-            frames = recv_ready(sock)
-            if frames is None:
-                self._rx_pending = False
+                else:
+                    self._rx_pending = False
                 return
             decoded: tuple[P.Message, list[Any]] | None = None
+            frames = None
             try:
+                frames = recv_ready(sock)
+                if frames is None:
+                    self._rx_pending = False
+                    return
                 try:
                     decoded = P.decode(frames)
                 except P.ProtocolError as exc:
@@ -509,7 +519,7 @@ class Connection:
             except Exception:  # a bug here must not stop the client reading
                 logger.exception("client failed to handle a message from the broker")
             except BaseException:  # interrupted: the I/O thread handles it again
-                if decoded is None:
+                if decoded is None and frames is not None:
                     with contextlib.suppress(P.ProtocolError):
                         decoded = P.decode(frames)
                 if decoded is not None:
