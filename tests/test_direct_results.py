@@ -11,7 +11,6 @@ the worker could not hand to a live connection goes by the broker as before.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,14 @@ import tasks
 import zmq
 from test_broker_state import Sim, T, run_keys, sent, updates
 from test_local_socket import NOBODY, _in_child, _require_root
-from test_worker_protocol import ScriptedBroker
+from test_worker_protocol import ScriptedBroker, scripted_worker
 from utils import wait_for
 
 from zdist import Client, LocalCluster, serialize
 from zdist import protocol as P
 from zdist.localsocket import bind_local_socket, user_socket_dir
 from zdist.wire import recv_ready
-from zdist.worker.worker import Worker, WorkerConfig
+from zdist.worker.worker import Worker
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -249,19 +248,8 @@ def client_socket() -> Iterator[tuple[zmq.Socket[Any], str]]:
 
 @pytest.fixture
 def broker_and_worker() -> Iterator[tuple[ScriptedBroker, Worker]]:
-    broker = ScriptedBroker()
-    worker = Worker(WorkerConfig(address=broker.address, security=None))
-    thread = threading.Thread(target=worker.run, name="worker-loop", daemon=True)
-    thread.start()
-    try:
-        broker.expect(P.RegisterWorker)
-        broker.send(P.Welcome(1.0, 30, {}, broker.address))
-        yield broker, worker
-    finally:
-        worker.stop()
-        thread.join(30)
-        broker.close()
-    assert not thread.is_alive()
+    with scripted_worker() as both:
+        yield both
 
 
 def _run_direct(

@@ -4,6 +4,7 @@ orderings a live broker produces only in rare bursts."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -50,8 +51,9 @@ class ScriptedBroker:
         self.ctx.term()
 
 
-@pytest.fixture
-def broker_and_worker() -> Iterator[tuple[ScriptedBroker, Worker]]:
+@contextlib.contextmanager
+def scripted_worker() -> Iterator[tuple[ScriptedBroker, Worker]]:
+    """A real Worker, its loop on a thread, registered with a ScriptedBroker."""
     broker = ScriptedBroker()
     worker = Worker(WorkerConfig(address=broker.address, security=None))
     thread = threading.Thread(target=worker.run, name="worker-loop", daemon=True)
@@ -65,6 +67,12 @@ def broker_and_worker() -> Iterator[tuple[ScriptedBroker, Worker]]:
         thread.join(30)
         broker.close()
     assert not thread.is_alive()
+
+
+@pytest.fixture
+def broker_and_worker() -> Iterator[tuple[ScriptedBroker, Worker]]:
+    with scripted_worker() as both:
+        yield both
 
 
 def _run(broker: ScriptedBroker, key: str, free: list[str] | None) -> None:

@@ -571,6 +571,24 @@ def _bytes(frame: Any) -> bytes:
         raise ProtocolError(f"a frame is {type(frame).__name__}, not bytes") from None
 
 
+def key_runs(entries: Any, what: str) -> dict[str, int]:
+    """``[[key, run], ...]`` (RunTasks.direct, TaskResults.told) as a dict, checked:
+    raises ProtocolError naming ``what`` for anything else."""
+    if type(entries) is not list:
+        raise ProtocolError(f"malformed {what}: {entries!r:.200}")
+    runs = {}
+    for entry in entries:
+        if (
+            type(entry) is not list
+            or len(entry) != 2
+            or type(entry[0]) is not str
+            or type(entry[1]) is not int
+        ):
+            raise ProtocolError(f"malformed {what} entry {entry!r:.200}")
+        runs[entry[0]] = entry[1]
+    return runs
+
+
 def ref_frames(payload: Sequence[Any], ref: Any) -> list[Any]:
     """The payload frames that a reference names, checked: ``[start, count]`` into
     the payload, or the one frame itself as ``bytes`` (see :data:`INLINE_FRAME`)."""

@@ -464,18 +464,7 @@ class BrokerState(ClientSide, Dispatch):
         # Check the whole batch first: a malformed entry must not leave earlier ones
         # applied, nor a task popped from its worker but never settled.
         frames_of = [_check_result(entry, payload) for entry in msg.results]
-        told: dict[str, int] | None = None
-        if msg.told is not None:
-            told = {}
-            for entry in msg.told:
-                if (
-                    type(entry) is not list
-                    or len(entry) != 2
-                    or type(entry[0]) is not str
-                    or type(entry[1]) is not int
-                ):
-                    raise P.ProtocolError(f"malformed told entry {entry!r}")
-                told[entry[0]] = entry[1]
+        told = None if msg.told is None else P.key_runs(msg.told, "told")
         for entry, frames in zip(msg.results, frames_of, strict=True):
             key, status, nbytes, typename, _ref, text, duration = entry
             t = self.tasks.get(key)

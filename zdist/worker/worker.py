@@ -480,15 +480,8 @@ class Worker(PeerTransfer):
                 or type(entry[2]) is not list
             ):
                 raise P.ProtocolError(f"malformed RunTasks.direct entry {entry!r}")
-            for run in entry[2]:
-                if (
-                    type(run) is not list
-                    or len(run) != 2
-                    or type(run[0]) is not str
-                    or type(run[1]) is not int
-                ):
-                    raise P.ProtocolError(f"malformed RunTasks.direct run {run!r}")
-                noted[run[0]] = (entry[0], entry[1], run[1])
+            for key, run in P.key_runs(entry[2], "RunTasks.direct").items():
+                noted[key] = (entry[0], entry[1], run)
         self._direct.update(noted)
 
     def _may_run_inline(self, t: _Task) -> bool:
