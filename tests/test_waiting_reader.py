@@ -27,14 +27,18 @@ def no_safety_net(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(comm, "WAIT_RECHECK_MS", 60_000)
 
 
+RESULTS = (P.TaskUpdates, P.DirectResults)
+
+
 def record_readers(client: Any, key: str) -> list[str]:
-    """The names of the threads that handle ``key``'s TaskUpdates from now on."""
+    """The names of the threads that handle ``key``'s result from now on (from the
+    broker or, for a client on the broker's host, straight from its worker)."""
     conn = client._conn
     readers: list[str] = []
     handle = conn._on_message
 
     def recording(msg: P.Message, payload: list[Any]) -> None:
-        if isinstance(msg, P.TaskUpdates) and any(u[0] == key for u in msg.updates):
+        if isinstance(msg, RESULTS) and any(u[0] == key for u in msg.updates):
             readers.append(threading.current_thread().name)
         handle(msg, payload)
 
@@ -178,7 +182,7 @@ def test_a_waiting_thread_interrupted_halfway_through_a_message_loses_nothing(
     me = threading.current_thread()
 
     def interrupted(msg: P.Message, payload: list[Any]) -> None:
-        if threading.current_thread() is me and isinstance(msg, P.TaskUpdates):
+        if threading.current_thread() is me and isinstance(msg, RESULTS):
             conn._on_message = handle  # once
             raise KeyboardInterrupt
         handle(msg, payload)
