@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 #: Client sockets a worker stays connected to; the least recently used goes first.
 MAX_LINKS = 16
+#: Longest wait between a link's reconnection attempts (milliseconds).
+RECONNECT_MAX_MS = 5000
 #: Addresses remembered as refused (then forgotten all at once).
 MAX_REFUSED = 1024
 
@@ -58,6 +60,9 @@ class ClientLinks:
             sock = self.sock = self.ctx.socket(zmq.ROUTER)
             sock.linger = 0
             sock.router_mandatory = 1
+            # A client that has gone leaves its link retrying a missing path until
+            # evicted: back off to one try every few seconds (libzmq starts at 0.1 s).
+            sock.reconnect_ivl_max = RECONNECT_MAX_MS
         link = self._links.get(address)
         if link is None:
             try:
