@@ -294,28 +294,56 @@ def _link_up(broker: ScriptedBroker, sock: zmq.Socket[Any], address: str) -> Non
     raise AssertionError("no result was ever delivered directly")
 
 
-def test_the_worker_tells_exactly_the_results_it_delivered(
+def test_every_told_result_reaches_the_client(
     broker_and_worker: tuple[ScriptedBroker, Worker],
     client_socket: tuple[zmq.Socket[Any], str],
 ) -> None:
+    # A result counts as told only once the client's connection has worked (the
+    # first ones go by the broker, and to the client too once connected); every
+    # told result then arrives, with its value.
     broker, _ = broker_and_worker
     sock, address = client_socket
-    told: dict[str, bool] = {}
-    # The first results may go by the broker while the connection is made.
+    told: set[str] = set()
     for i in range(200):
         key = f"identity-{i:04d}"
         results = _run_direct(broker, key, i * 3, sock.identity, address, run=i + 1)
-        told[key] = [key, i + 1] in (results.told or ())
-        assert not results.told or told[key]  # only ever this run
-        if told[key]:
-            break
-    assert any(told.values()), "no result was ever delivered directly"
+        assert results.told in (None, [[key, i + 1]])  # only ever this run
+        if results.told:
+            told.add(key)
+            if len(told) == 5:
+                break
+    assert len(told) == 5, "results were never delivered directly"
     got: dict[str, Any] = {}
-    told_keys = {k for k, v in told.items() if v}
-    wait_for(lambda: got.update(_received(sock)) or told_keys <= set(got), 10)
-    assert {k: v for k, v in got.items()} == {
-        k: int(k.split("-")[1]) * 3 for k in told_keys
-    }
+    wait_for(lambda: got.update(_received(sock)) or told <= set(got), 10)
+    assert all(v == int(k.split("-")[1]) * 3 for k, v in got.items())
+
+
+def test_a_told_result_that_cannot_go_is_handed_back_to_the_broker(
+    broker_and_worker: tuple[ScriptedBroker, Worker],
+    client_socket: tuple[zmq.Socket[Any], str],
+) -> None:
+    # The client goes away between the worker's report (told) and its send: the
+    # worker names that result in "untold", for the broker to send.
+    broker, _ = broker_and_worker
+    sock, address = client_socket
+    _link_up(broker, sock, address)
+    ident = sock.identity
+    sock.close()
+    told_before = None
+    for i in range(200):
+        key = f"identity-gone-{i}"
+        fl = P.FrameList()
+        fn = fl.add([cloudpickle.dumps(tasks.identity)], inline=False)
+        entry = [key, fn, fl.add(serialize.dumps(((i,), {}))), [], None]
+        direct = [[ident, address, [[key, i]]]]
+        broker.send(P.RunTasks([entry], None, direct), fl.frames)
+        results, _ = broker.expect(P.TaskResults)
+        if results.untold:  # the previous result's send failed after its report
+            assert results.results == [] and results.untold == told_before
+            return
+        assert [r[0] for r in results.results] == [key]
+        told_before = results.told
+    raise AssertionError("a send to the closed client never failed after a report")
 
 
 def test_a_socket_others_could_have_made_gets_nothing(

@@ -250,11 +250,15 @@ class TaskResults(Message):
     ``"missing"`` (text: the dependency key that could not be fetched, typename: the
     peer that failed to give it). ``duration`` is the run time in seconds (-1 for
     a replica fetched from a peer). ``told``: ``[[key, run], ...]``, ``"memory"``
-    results this worker has sent to their client itself (RunTasks.direct); the broker
-    does not, if ``run`` is the task's current assignment."""
+    results this worker sends to their client itself (RunTasks.direct); the broker
+    does not, if ``run`` is the task's current assignment. The worker reports them
+    before it sends them (so the broker knows of a result before its client can ask
+    about it), counting on a connection that has worked; ``untold`` then names those
+    whose sending failed after all, for the broker to send."""
 
     results: list
     told: list | None = None
+    untold: list | None = None
 
 
 @message(Op.FREE_KEYS)

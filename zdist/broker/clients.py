@@ -519,7 +519,9 @@ class ClientSide(StateMixin):
     ) -> None:
         if self._client(ident, msg.request_id) is None:
             return
-        self._out.append((ident, P.InfoReply(msg.request_id, self.info(msg.what)), []))
+        # Answered at flush, after every message of this burst: a worker's report
+        # of a result its client already has (zdist.worker.direct) is then in.
+        self._info_pending.append((ident, msg.request_id, msg.what))
 
     def info(self, what: str = "scheduler_info") -> dict[str, Any]:
         workers = {}

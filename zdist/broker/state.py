@@ -112,6 +112,7 @@ class BrokerState(ClientSide, Dispatch):
         self._runs: dict[int, _Pending] = {}
         self._runs_by_worker: dict[bytes, set[int]] = {}
         self._out: list[Out] = []
+        self._info_pending: list[tuple[bytes, int, str]] = []
         self._run_batches: dict[bytes, tuple[list[Any], P.FrameList]] = {}
         # worker -> client -> [key, run] whose results the worker sends the client.
         self._run_direct: dict[bytes, dict[bytes, list[list[Any]]]] = {}
@@ -184,6 +185,10 @@ class BrokerState(ClientSide, Dispatch):
         """Dispatch what can run, then return every message to send (and forget it)."""
         if self._dirty:
             self._dispatch()
+        if self._info_pending:
+            for ident, req, what in self._info_pending:
+                self._out.append((ident, P.InfoReply(req, self.info(what)), []))
+            self._info_pending.clear()
         out = self._out
         self._out = []
         free = self._free
@@ -465,6 +470,7 @@ class BrokerState(ClientSide, Dispatch):
         # applied, nor a task popped from its worker but never settled.
         frames_of = [_check_result(entry, payload) for entry in msg.results]
         told = None if msg.told is None else P.key_runs(msg.told, "told")
+        untold = None if msg.untold is None else P.key_runs(msg.untold, "untold")
         for entry, frames in zip(msg.results, frames_of, strict=True):
             key, status, nbytes, typename, _ref, text, duration = entry
             t = self.tasks.get(key)
@@ -533,8 +539,24 @@ class BrokerState(ClientSide, Dispatch):
                     ):
                         self._lost(holder)
                 self._requeue(t, f"missing dependency {text}")
+        if untold:
+            self._send_untold(untold)
         self._note_if_idle(w)
         self._dirty = True
+
+    def _send_untold(self, untold: dict[str, int]) -> None:
+        """Results reported as told whose sending then failed: the broker tells their
+        client after all, if the task is still that run's result and still wanted."""
+        for key, run in untold.items():
+            t = self.tasks.get(key)
+            if (
+                t is not None
+                and t.direct_run == run
+                and t.state is TaskState.MEMORY
+                and t.direct_to in t.wanted_by
+            ):
+                assert t.direct_to is not None
+                self._update(t.direct_to, key, "finished", t.inline, "")
 
     def _task_finished(
         self,

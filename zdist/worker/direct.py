@@ -46,6 +46,7 @@ class ClientLinks:
         # address as the broker named it -> the checked address connected to
         self._links: OrderedDict[str, str] = OrderedDict()
         self._refused: set[str] = set()
+        self._up: set[str] = set()  # addresses whose last send went out
         self.sent = 0  # messages handed to a client connection
         self.missed = 0  # results that went by the broker instead
 
@@ -60,6 +61,9 @@ class ClientLinks:
             sock = self.sock = self.ctx.socket(zmq.ROUTER)
             sock.linger = 0
             sock.router_mandatory = 1
+            # Only connected peers have a pipe: without this, a connecting socket
+            # keeps a gone client's pipe for its return and queues results to it.
+            sock.immediate = 1
             # A client that has gone leaves its link retrying a missing path until
             # evicted: back off to one try every few seconds (libzmq starts at 0.1 s).
             sock.reconnect_ivl_max = RECONNECT_MAX_MS
@@ -79,7 +83,8 @@ class ClientLinks:
                 return False
             self._links[address] = link
             while len(self._links) > MAX_LINKS:
-                _, oldest = self._links.popitem(last=False)
+                gone, oldest = self._links.popitem(last=False)
+                self._up.discard(gone)
                 try:
                     sock.disconnect(oldest)
                 except zmq.ZMQError:
@@ -89,10 +94,17 @@ class ClientLinks:
         try:
             send_frames(sock, [ident, *frames], NOBLOCK)
         except zmq.ZMQError:  # not connected (yet), or its queue is full
+            self._up.discard(address)
             self.missed += 1
             return False
+        self._up.add(address)
         self.sent += 1
         return True
+
+    def is_up(self, address: str) -> bool:
+        """Whether the last send to ``address`` went out: the next will, barring a
+        client that has just gone or stopped reading."""
+        return address in self._up
 
     def close(self) -> None:
         if self.sock is not None:

@@ -639,14 +639,33 @@ class Worker(PeerTransfer):
 
     def flush_results(self) -> None:
         if self._results and self.status in ("running", "closing", "retiring"):
-            told = self._send_direct() if self._direct else None
-            self._send(P.TaskResults(self._results, told), self._result_frames.frames)
+            groups = self._direct_groups() if self._direct else {}
+            # Reported first, delivered second: once a client has its result, the
+            # broker knows of it too (a client asking the broker about its task right
+            # after must not find it still running). A result counts as told if its
+            # client's connection has worked; the few that then fail go in "untold".
+            links = self._links
+            up = {to for to in groups if links.is_up(to[1])}
+            told = [run for to in up for run in groups[to][1]]
+            self._send(
+                P.TaskResults(self._results, told or None),
+                self._result_frames.frames,
+            )
             self._results = []
             self._result_frames = P.FrameList()
+            untold = []
+            for (ident, address), (updates, runs, fl) in groups.items():
+                msg = P.encode(P.DirectResults(updates), fl.frames)
+                if not links.send(ident, address, msg) and (ident, address) in up:
+                    untold.extend(runs)
+            if untold:
+                self._send(P.TaskResults([], None, untold))
 
-    def _send_direct(self) -> list[str] | None:
-        """Send the results the broker asked us to deliver (RunTasks.direct) to their
-        clients; the keys that went out, for TaskResults.told. A result kept here
+    def _direct_groups(
+        self,
+    ) -> dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]]:
+        """The results the broker asked us to deliver (RunTasks.direct), by client:
+        (DirectResults updates, [key, run] pairs, their frames). A result kept here
         (too large to travel inline) or an error goes by the broker, which decides
         about retries and fetching."""
         direct = self._direct
@@ -662,12 +681,7 @@ class Worker(PeerTransfer):
             ref = group[2].add(P.ref_frames(frames, r[4]))
             group[0].append([r[0], "finished", ref, ""])
             group[1].append([r[0], to[2]])
-        told: list[Any] = []
-        for (ident, address), (updates, runs, fl) in groups.items():
-            msg = P.encode(P.DirectResults(updates), fl.frames)
-            if self._links.send(ident, address, msg):
-                told.extend(runs)
-        return told or None
+        return groups
 
     # ==================================================================================
     # Client.run
