@@ -23,6 +23,7 @@ from typing import Any
 
 import zmq
 
+from zdist import protocol as P
 from zdist.errors import SecurityError
 from zdist.localsocket import check_local_socket
 from zdist.wire import NOBLOCK, send_frames
@@ -38,7 +39,8 @@ MAX_REFUSED = 1024
 
 
 class ClientLinks:
-    """One ROUTER socket connected to the Unix sockets of the clients it serves."""
+    """A worker's direct deliveries: which keys' results go to which client
+    (``pending``), and one ROUTER socket connected to those clients' Unix sockets."""
 
     def __init__(self, ctx: zmq.Context[Any]) -> None:
         self.ctx = ctx
@@ -47,8 +49,53 @@ class ClientLinks:
         self._links: OrderedDict[str, str] = OrderedDict()
         self._refused: set[str] = set()
         self._up: set[str] = set()  # addresses whose last send went out
+        # Keys whose results go straight to their client (RunTasks.direct): key ->
+        # (client ident, its address, the broker's number for this assignment).
+        self.pending: dict[str, tuple[bytes, str, int]] = {}
         self.sent = 0  # messages handed to a client connection
         self.missed = 0  # results that went by the broker instead
+
+    def note(self, direct: list[Any]) -> None:
+        """Remember RunTasks.direct (checked whole before any of it is kept)."""
+        noted = {}
+        for entry in direct:
+            if (
+                type(entry) is not list
+                or len(entry) != 3
+                or type(entry[0]) is not bytes
+                or type(entry[1]) is not str
+                or type(entry[2]) is not list
+            ):
+                raise P.ProtocolError(f"malformed RunTasks.direct entry {entry!r}")
+            for key, run in P.key_runs(entry[2], "RunTasks.direct").items():
+                noted[key] = (entry[0], entry[1], run)
+        self.pending.update(noted)
+
+    def forget(self, keys: Any) -> None:
+        """Keys freed or taken back: whatever they produce goes by the broker."""
+        for key in keys:
+            self.pending.pop(key, None)
+
+    def groups(
+        self, results: list[Any], frames: list[Any]
+    ) -> dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]]:
+        """The TaskResults entries asked for here, by client: (DirectResults
+        updates, [key, run] pairs, their frames). A result kept on the worker (too
+        large to travel inline) or an error goes by the broker, which decides about
+        retries and fetching."""
+        pending = self.pending
+        out: dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]] = {}
+        for r in results:
+            to = pending.pop(r[0], None)
+            if to is None or r[1] != "memory" or r[4] is None:
+                continue
+            group = out.get(to[:2])
+            if group is None:
+                group = out[to[:2]] = ([], [], P.FrameList())
+            ref = group[2].add(P.ref_frames(frames, r[4]))
+            group[0].append([r[0], "finished", ref, ""])
+            group[1].append([r[0], to[2]])
+        return out
 
     def send(self, ident: bytes, address: str, frames: Sequence[Any]) -> bool:
         """Queue ``frames`` for the client ``ident`` listening at ``address``; False

@@ -132,10 +132,7 @@ class Worker(PeerTransfer):
         os.set_blocking(self._wake_r, False)
         self._results: list[Any] = []
         self._result_frames = P.FrameList()
-        # Keys whose results go straight to their client (RunTasks.direct): key ->
-        # (client ident, its address, the broker's number for this assignment).
-        self._direct: dict[str, tuple[bytes, str, int]] = {}
-        self._links = ClientLinks(self.ctx)
+        self._links = ClientLinks(self.ctx)  # results straight to clients
         self._threads: list[threading.Thread] = []
         self._threads_lock = threading.Lock()
         self._active_threads = 0
@@ -427,13 +424,13 @@ class Worker(PeerTransfer):
     def _free(self, keys: list[Any]) -> None:
         for key in keys:
             self.data.discard(key)
-            self._direct.pop(key, None)
+        self._links.forget(keys)
 
     def _on_run_tasks(self, msg: P.RunTasks, payload: list[Any]) -> None:
         if msg.free:
             self._free(msg.free)
         if msg.direct:
-            self._note_direct(msg.direct)
+            self._links.note(msg.direct)
         fetch: dict[str, list[str]] = {}
         # A map's tasks share one function frame: copy it to bytes once per message
         # (bytes cache their hash, which the function cache is keyed by).
@@ -468,21 +465,6 @@ class Worker(PeerTransfer):
                 self._ready.put(t)
         for peer, keys in fetch.items():
             self._fetch(peer, keys)
-
-    def _note_direct(self, direct: list[Any]) -> None:
-        noted = {}
-        for entry in direct:  # all checked before any is kept
-            if (
-                type(entry) is not list
-                or len(entry) != 3
-                or type(entry[0]) is not bytes
-                or type(entry[1]) is not str
-                or type(entry[2]) is not list
-            ):
-                raise P.ProtocolError(f"malformed RunTasks.direct entry {entry!r}")
-            for key, run in P.key_runs(entry[2], "RunTasks.direct").items():
-                noted[key] = (entry[0], entry[1], run)
-        self._direct.update(noted)
 
     def _may_run_inline(self, t: _Task) -> bool:
         """A lone, known-quick task while every task thread is idle: run it here on
@@ -519,8 +501,7 @@ class Worker(PeerTransfer):
         """Take back tasks that have not started (cancel, steal, hand-back). A
         running one finishes and reports to the broker only: its client may have
         been told it is cancelled meanwhile."""
-        for key in keys:
-            self._direct.pop(key, None)
+        self._links.forget(keys)
         withdrawn = []
         with self._claim:
             for key in keys:
@@ -639,12 +620,16 @@ class Worker(PeerTransfer):
 
     def flush_results(self) -> None:
         if self._results and self.status in ("running", "closing", "retiring"):
-            groups = self._direct_groups() if self._direct else {}
+            links = self._links
+            groups = (
+                links.groups(self._results, self._result_frames.frames)
+                if links.pending
+                else {}
+            )
             # Reported first, delivered second: once a client has its result, the
             # broker knows of it too (a client asking the broker about its task right
             # after must not find it still running). A result counts as told if its
             # client's connection has worked; the few that then fail go in "untold".
-            links = self._links
             up = {to for to in groups if links.is_up(to[1])}
             told = [run for to in up for run in groups[to][1]]
             self._send(
@@ -660,28 +645,6 @@ class Worker(PeerTransfer):
                     untold.extend(runs)
             if untold:
                 self._send(P.TaskResults([], None, untold))
-
-    def _direct_groups(
-        self,
-    ) -> dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]]:
-        """The results the broker asked us to deliver (RunTasks.direct), by client:
-        (DirectResults updates, [key, run] pairs, their frames). A result kept here
-        (too large to travel inline) or an error goes by the broker, which decides
-        about retries and fetching."""
-        direct = self._direct
-        frames = self._result_frames.frames
-        groups: dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]] = {}
-        for r in self._results:
-            to = direct.pop(r[0], None)
-            if to is None or r[1] != "memory" or r[4] is None:
-                continue
-            group = groups.get(to[:2])
-            if group is None:
-                group = groups[to[:2]] = ([], [], P.FrameList())
-            ref = group[2].add(P.ref_frames(frames, r[4]))
-            group[0].append([r[0], "finished", ref, ""])
-            group[1].append([r[0], to[2]])
-        return groups
 
     # ==================================================================================
     # Client.run
