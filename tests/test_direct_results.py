@@ -11,6 +11,9 @@ the worker could not hand to a live connection goes by the broker as before.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from zdist import Client, LocalCluster, serialize
 from zdist import protocol as P
 from zdist.localsocket import bind_local_socket, user_socket_dir
 from zdist.wire import recv_ready
+from zdist.worker.direct import MAX_LINKS
 from zdist.worker.worker import Worker
 
 pytestmark = pytest.mark.timeout(120)
@@ -346,6 +350,90 @@ def test_a_told_result_that_cannot_go_is_handed_back_to_the_broker(
     raise AssertionError("a send to the closed client never failed after a report")
 
 
+# A client that stops reading (stopped by a signal here): its receiving socket,
+# in a process of its own, says which of the keys named on stdin never came.
+_STALLED_CLIENT = r"""
+import sys, zmq
+from zdist import protocol as P
+from zdist.localsocket import bind_local_socket
+ctx = zmq.Context()
+sock = ctx.socket(zmq.DEALER)
+sock.linger = 0
+sock.rcvhwm = 0  # as a Client's
+sock.identity = b"c-stalled"
+print(bind_local_socket(sock, sys.argv[1], zap=False), flush=True)
+want = set(sys.stdin.readline().split())
+got = set()
+while not want <= got and sock.poll(10000):
+    msg, _ = P.decode(sock.recv_multipart())
+    got.update(u[0] for u in msg.updates)
+print("missing:", *sorted(want - got), flush=True)
+"""
+
+
+def test_a_link_evicted_for_another_client_still_delivers_what_it_was_told(
+    broker_and_worker: tuple[ScriptedBroker, Worker],
+) -> None:
+    # A worker keeps MAX_LINKS client connections and drops the oldest for a new
+    # one. Results told to the broker but still queued for the dropped client (it
+    # has stopped reading) must still reach it: the broker will never send them.
+    broker, _ = broker_and_worker
+    directory = user_socket_dir()
+    assert directory is not None
+    stalled_path = os.path.join(directory, f"test-stalled-{os.getpid()}.sock")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _STALLED_CLIENT, stalled_path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    ctx: zmq.Context[Any] = zmq.Context()
+    others: list[tuple[zmq.Socket[Any], str, str]] = []
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        address = child.stdout.readline().strip()
+        for i in range(200):  # until the link is up: a told result
+            if _run_direct(broker, f"identity-{i}", i, b"c-stalled", address).told:
+                break
+        else:
+            raise AssertionError("no result was ever delivered directly")
+        os.kill(child.pid, signal.SIGSTOP)
+        told: set[str] = set()
+        for i in range(40):  # 40 x 32 KiB: more than a Unix socket holds
+            key = f"make_bytes-stalled-{i}"
+            fl = P.FrameList()
+            fn_ref = fl.add([cloudpickle.dumps(tasks.make_bytes)], inline=False)
+            args_ref = fl.add(serialize.dumps(((32 * 1024,), {})))
+            direct = [[b"c-stalled", address, [[key, i + 1]]]]
+            broker.send(
+                P.RunTasks([[key, fn_ref, args_ref, [], None]], None, direct), fl.frames
+            )
+            results, _ = broker.expect(P.TaskResults)
+            told.update(k for k, _ in results.told or [])
+        assert len(told) == 40  # queued on a live connection: every one counts
+        for n in range(MAX_LINKS):  # the last one evicts the stalled client's link
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.identity = f"c-other-{n}".encode()
+            path = os.path.join(directory, f"test-other-{os.getpid()}-{n}.sock")
+            others.append((sock, bind_local_socket(sock, path, zap=False), path))
+            _link_up(broker, sock, others[-1][1])
+        os.kill(child.pid, signal.SIGCONT)
+        out, _ = child.communicate(" ".join(sorted(told)) + "\n", timeout=30)
+        assert out.strip() == "missing:"
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGCONT)
+            child.kill()
+            child.wait()
+        for sock, _, path in others:
+            sock.close()
+            os.unlink(path)
+        ctx.term()
+        if os.path.exists(stalled_path):
+            os.unlink(stalled_path)
+
+
 def test_a_socket_others_could_have_made_gets_nothing(
     broker_and_worker: tuple[ScriptedBroker, Worker], tmp_path: Path
 ) -> None:
@@ -393,7 +481,7 @@ def test_a_cancelled_task_that_runs_on_reports_to_the_broker_only(
 ) -> None:
     # The client was told "cancelled" by the broker; the task, already running,
     # must not then send the client a result of its own.
-    broker, _ = broker_and_worker
+    broker, worker = broker_and_worker
     sock, address = client_socket
     _link_up(broker, sock, address)
     gate = tmp_path / "gate"
@@ -405,8 +493,10 @@ def test_a_cancelled_task_that_runs_on_reports_to_the_broker_only(
     broker.send(
         P.RunTasks([[key, fn_ref, args_ref, [], None]], None, direct), fl.frames
     )
-    wait_for(lambda: key in broker_and_worker[1]._executing, 10)
+    wait_for(lambda: key in worker._executing, 10)
     broker.send(P.CancelTasks([key]))
+    # Opened before the cancel arrives, the gate would let the result go first.
+    wait_for(lambda: key not in worker._links.pending, 10, what="the cancel")
     gate.touch()
     results, _ = broker.expect(P.TaskResults)
     assert [(r[0], r[1]) for r in results.results] == [(key, "memory")]

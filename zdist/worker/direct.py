@@ -10,8 +10,9 @@ worker still reports the result to the broker, naming the keys it delivered
 Nothing here waits: a client not connected yet (the first result after a connect,
 while ZeroMQ's handshake runs), gone, or not reading fast enough (its queue is full)
 makes :meth:`ClientLinks.send` return False, and that result goes by the broker as
-before. A ROUTER with ``router_mandatory`` tells those cases apart from a send that
-was queued on a live connection.
+before. Each client gets a DEALER of its own with ``ZMQ_IMMEDIATE``, whose send
+fails at once without a live connection; and a link dropped for a newer one is
+closed, not disconnected, so that what was queued on it still goes.
 """
 
 from __future__ import annotations
@@ -34,19 +35,20 @@ logger = logging.getLogger(__name__)
 MAX_LINKS = 16
 #: Longest wait between a link's reconnection attempts (milliseconds).
 RECONNECT_MAX_MS = 5000
+#: How long results queued on a closed link may wait for their client (milliseconds).
+LINGER_MS = 5000
 #: Addresses remembered as refused (then forgotten all at once).
 MAX_REFUSED = 1024
 
 
 class ClientLinks:
     """A worker's direct deliveries: which keys' results go to which client
-    (``pending``), and one ROUTER socket connected to those clients' Unix sockets."""
+    (``pending``), and a DEALER socket connected to each client's Unix socket."""
 
     def __init__(self, ctx: zmq.Context[Any]) -> None:
         self.ctx = ctx
-        self.sock: zmq.Socket[Any] | None = None
-        # address as the broker named it -> the checked address connected to
-        self._links: OrderedDict[str, str] = OrderedDict()
+        # address as the broker named it -> a socket connected to that client
+        self._links: OrderedDict[str, zmq.Socket[Any]] = OrderedDict()
         self._refused: set[str] = set()
         self._up: set[str] = set()  # addresses whose last send went out
         # Keys whose results go straight to their client (RunTasks.direct): key ->
@@ -97,49 +99,22 @@ class ClientLinks:
             group[1].append([r[0], to[2]])
         return out
 
-    def send(self, ident: bytes, address: str, frames: Sequence[Any]) -> bool:
-        """Queue ``frames`` for the client ``ident`` listening at ``address``; False
-        if it cannot be reached now (the caller sends the result by the broker)."""
+    def send(self, address: str, frames: Sequence[Any]) -> bool:
+        """Queue ``frames`` for the client listening at ``address``; False if it
+        cannot be reached now (the caller sends the result by the broker)."""
         if address in self._refused:
             self.missed += 1
             return False
-        sock = self.sock
+        sock = self._links.get(address)
         if sock is None:
-            sock = self.sock = self.ctx.socket(zmq.ROUTER)
-            sock.linger = 0
-            sock.router_mandatory = 1
-            # Only connected peers have a pipe: without this, a connecting socket
-            # keeps a gone client's pipe for its return and queues results to it.
-            sock.immediate = 1
-            # A client that has gone leaves its link retrying a missing path until
-            # evicted: back off to one try every few seconds (libzmq starts at 0.1 s).
-            sock.reconnect_ivl_max = RECONNECT_MAX_MS
-        link = self._links.get(address)
-        if link is None:
-            try:
-                # Only we can have made it (zdist.localsocket): a socket planted by
-                # another user would receive our results.
-                link = check_local_socket(address)
-                sock.connect(link)
-            except (SecurityError, OSError, ValueError, zmq.ZMQError) as exc:
-                logger.warning("not sending results to %r: %s", address[:200], exc)
-                if len(self._refused) >= MAX_REFUSED:
-                    self._refused.clear()
-                self._refused.add(address)
+            sock = self._open(address)
+            if sock is None:
                 self.missed += 1
                 return False
-            self._links[address] = link
-            while len(self._links) > MAX_LINKS:
-                gone, oldest = self._links.popitem(last=False)
-                self._up.discard(gone)
-                try:
-                    sock.disconnect(oldest)
-                except zmq.ZMQError:
-                    pass
         else:
             self._links.move_to_end(address)
         try:
-            send_frames(sock, [ident, *frames], NOBLOCK)
+            send_frames(sock, frames, NOBLOCK)
         except zmq.ZMQError:  # not connected (yet), or its queue is full
             self._up.discard(address)
             self.missed += 1
@@ -148,12 +123,53 @@ class ClientLinks:
         self.sent += 1
         return True
 
+    def _open(self, address: str) -> zmq.Socket[Any] | None:
+        """A socket connected to the client at ``address``, or None (refused)."""
+        try:
+            # Only we can have made it (zdist.localsocket): a socket planted by
+            # another user would receive our results.
+            link = check_local_socket(address)
+        except (SecurityError, OSError, ValueError) as exc:
+            self._refuse(address, exc)
+            return None
+        sock = self.ctx.socket(zmq.DEALER)
+        # A link closed for a newer one (or at close) still sends what was queued
+        # for it: those results were told to the broker, which will never send them
+        # itself. (A disconnect would drop them: hence a socket per link.)
+        sock.linger = LINGER_MS
+        # Only a connected peer has a pipe: a send to a client not connected yet,
+        # or gone, fails at once instead of queueing for a connection to come.
+        sock.immediate = 1
+        # A client that has gone leaves its link retrying a missing path until
+        # evicted: back off to one try every few seconds (libzmq starts at 0.1 s).
+        sock.reconnect_ivl_max = RECONNECT_MAX_MS
+        try:
+            sock.connect(link)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            self._refuse(address, exc)
+            return None
+        self._links[address] = sock
+        while len(self._links) > MAX_LINKS:
+            gone, oldest = self._links.popitem(last=False)
+            self._up.discard(gone)
+            oldest.close()
+        return sock
+
+    def _refuse(self, address: str, exc: Exception) -> None:
+        logger.warning("not sending results to %r: %s", address[:200], exc)
+        if len(self._refused) >= MAX_REFUSED:
+            self._refused.clear()
+        self._refused.add(address)
+
     def is_up(self, address: str) -> bool:
         """Whether the last send to ``address`` went out: the next will, barring a
         client that has just gone or stopped reading."""
         return address in self._up
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close(linger=0)
-            self.sock = None
+        """Close every link; what is queued on one still goes, within LINGER_MS."""
+        for sock in self._links.values():
+            sock.close()
+        self._links.clear()
+        self._up.clear()

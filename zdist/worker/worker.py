@@ -641,7 +641,7 @@ class Worker(PeerTransfer):
             untold = []
             for (ident, address), (updates, runs, fl) in groups.items():
                 msg = P.encode(P.DirectResults(updates), fl.frames)
-                if not links.send(ident, address, msg) and (ident, address) in up:
+                if not links.send(address, msg) and (ident, address) in up:
                     untold.extend(runs)
             if untold:
                 self._send(P.TaskResults([], None, untold))
