@@ -24,7 +24,7 @@ from zdist.protocol import INLINE_LIMIT
 FUNCTION_CACHE_SIZE = 512
 
 
-#: A function whose runs all took less than this (after QUICK_AFTER_RUNS of them) may
+#: A function whose last QUICK_AFTER_RUNS runs each took less than this may
 #: run on the worker's I/O thread, saving two thread hand-offs (about 150 us) per task;
 #: heartbeats wait at most this long.
 QUICK_TASK_SECONDS = 0.002
@@ -35,28 +35,22 @@ class FunctionCache:
     def __init__(self, size: int = FUNCTION_CACHE_SIZE) -> None:
         self._cache: OrderedDict[bytes, Callable[..., Any]] = OrderedDict()
         self._size = size
-        # Run times by task group (the key's prefix: the user's function name, or the
-        # dask operation), not by pickled function: graph tasks all share one wrapper
-        # whose cost is that of what it wraps.
-        self._runs: dict[str, list[float]] = {}  # group -> [runs, longest]
+        # Quick runs in a row by task group (the key's prefix: the user's function
+        # name, or the dask operation), not by pickled function: graph tasks all
+        # share one wrapper whose cost is that of what it wraps. One slow run (a
+        # thread preempted on a busy machine, the first call's imports) counts until
+        # QUICK_AFTER_RUNS quick ones follow it, not for ever.
+        self._quick_runs: dict[str, int] = {}
 
     def record(self, group: str, duration: float) -> None:
-        runs = self._runs.get(group)
-        if runs is None:
-            if len(self._runs) > self._size:
-                self._runs.clear()
-            runs = self._runs[group] = [0, 0.0]
-        runs[0] += 1
-        runs[1] = max(runs[1], duration)
+        streak = self._quick_runs
+        if group not in streak and len(streak) > self._size:
+            streak.clear()
+        streak[group] = streak.get(group, 0) + 1 if duration < QUICK_TASK_SECONDS else 0
 
     def is_quick(self, group: str) -> bool:
-        """All runs so far (at least QUICK_AFTER_RUNS) took under QUICK_TASK_SECONDS."""
-        runs = self._runs.get(group)
-        return (
-            runs is not None
-            and runs[0] >= QUICK_AFTER_RUNS
-            and (runs[1] < QUICK_TASK_SECONDS)
-        )
+        """The last QUICK_AFTER_RUNS runs each took under QUICK_TASK_SECONDS."""
+        return self._quick_runs.get(group, 0) >= QUICK_AFTER_RUNS
 
     def get(self, frame: Any) -> Callable[..., Any]:
         data = frame if isinstance(frame, bytes) else bytes(frame)
