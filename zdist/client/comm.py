@@ -334,10 +334,12 @@ class Connection:
         finally:
             if counted:
                 with self._waiters_lock:
+                    # Read before we stop counting: the I/O thread then resets it.
+                    tick = self._io_tick
                     self._waiters -= 1
                     self._waits_ended += 1
                     last = self._waiters == 0
-                if last and self._io_tick > WAITER_TICK_MS:
+                if last and tick > WAITER_TICK_MS:
                     # A long wait: the I/O thread looks rarely; the socket is its
                     # to read again now.
                     self.wake()
@@ -408,7 +410,10 @@ class Connection:
                 nobody_waits = self._waiters == 0
                 if nobody_waits or self._rx_pending:
                     with self._rx_lock:
-                        self._read()  # before polling (see wait_for)
+                        # Again under the lock: a thread may have begun to wait.
+                        nobody_waits = self._waiters == 0
+                        if nobody_waits or self._rx_pending:
+                            self._read()  # before polling (see wait_for)
                     self._run_deferred()
                 if nobody_waits:
                     if not watching:
