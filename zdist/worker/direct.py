@@ -18,7 +18,7 @@ closed, not disconnected, so that what was queued on it still goes.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,8 +35,10 @@ logger = logging.getLogger(__name__)
 MAX_LINKS = 16
 #: Longest wait between a link's reconnection attempts (milliseconds).
 RECONNECT_MAX_MS = 5000
-#: How long results queued on a closed link may wait for their client (milliseconds).
-LINGER_MS = 5000
+#: How long a closed link may still send what was queued on it (milliseconds).
+LINGER_MS = 1000
+#: Results a link remembers having sent (handed back to the broker if it is dropped).
+MAX_REMEMBERED = 4096
 #: Addresses remembered as refused (then forgotten all at once).
 MAX_REFUSED = 1024
 
@@ -51,6 +53,10 @@ class ClientLinks:
         self._links: OrderedDict[str, zmq.Socket[Any]] = OrderedDict()
         self._refused: set[str] = set()
         self._up: set[str] = set()  # addresses whose last send went out
+        # [key, run] of the results each link took, the latest MAX_REMEMBERED, and
+        # those of links dropped since the caller last asked (take_dropped).
+        self._sent_runs: dict[str, deque[list[Any]]] = {}
+        self._dropped: list[list[Any]] = []
         # Keys whose results go straight to their client (RunTasks.direct): key ->
         # (client ident, its address, the broker's number for this assignment).
         self.pending: dict[str, tuple[bytes, str, int]] = {}
@@ -99,9 +105,10 @@ class ClientLinks:
             group[1].append([r[0], to[2]])
         return out
 
-    def send(self, address: str, frames: Sequence[Any]) -> bool:
-        """Queue ``frames`` for the client listening at ``address``; False if it
-        cannot be reached now (the caller sends the result by the broker)."""
+    def send(self, address: str, frames: Sequence[Any], runs: list[Any]) -> bool:
+        """Queue ``frames``, the results ``runs`` ([key, run] pairs), for the client
+        listening at ``address``; False if it cannot be reached now (the caller sends
+        them by the broker)."""
         if address in self._refused:
             self.missed += 1
             return False
@@ -120,6 +127,7 @@ class ClientLinks:
             self.missed += 1
             return False
         self._up.add(address)
+        self._sent_runs[address].extend(runs)
         self.sent += 1
         return True
 
@@ -133,9 +141,10 @@ class ClientLinks:
             self._refuse(address, exc)
             return None
         sock = self.ctx.socket(zmq.DEALER)
-        # A link closed for a newer one (or at close) still sends what was queued
-        # for it: those results were told to the broker, which will never send them
-        # itself. (A disconnect would drop them: hence a socket per link.)
+        # A link closed for a newer one still sends what was queued on it, for a
+        # while (zmq_disconnect drops it at once, whatever the linger, as measured
+        # with libzmq 4.3.5: hence a socket per link); and the broker is asked to
+        # send those results too (take_dropped), for a client that reads too late.
         sock.linger = LINGER_MS
         # Only a connected peer has a pipe: a send to a client not connected yet,
         # or gone, fails at once instead of queueing for a connection to come.
@@ -150,11 +159,20 @@ class ClientLinks:
             self._refuse(address, exc)
             return None
         self._links[address] = sock
+        self._sent_runs[address] = deque(maxlen=MAX_REMEMBERED)
         while len(self._links) > MAX_LINKS:
             gone, oldest = self._links.popitem(last=False)
             self._up.discard(gone)
+            self._dropped.extend(self._sent_runs.pop(gone))
             oldest.close()
         return sock
+
+    def take_dropped(self) -> list[list[Any]]:
+        """[key, run] of results sent on links dropped since the last call: their
+        client may not have them all, and the broker, told they went, will send
+        them again if still wanted (a client takes a result once)."""
+        dropped, self._dropped = self._dropped, []
+        return dropped
 
     def _refuse(self, address: str, exc: Exception) -> None:
         logger.warning("not sending results to %r: %s", address[:200], exc)
@@ -168,8 +186,9 @@ class ClientLinks:
         return address in self._up
 
     def close(self) -> None:
-        """Close every link; what is queued on one still goes, within LINGER_MS."""
+        """Close every link; what is queued still goes, within LINGER_MS."""
         for sock in self._links.values():
             sock.close()
         self._links.clear()
         self._up.clear()
+        self._sent_runs.clear()

@@ -641,8 +641,9 @@ class Worker(PeerTransfer):
             untold = []
             for (ident, address), (updates, runs, fl) in groups.items():
                 msg = P.encode(P.DirectResults(updates), fl.frames)
-                if not links.send(address, msg) and (ident, address) in up:
+                if not links.send(address, msg, runs) and (ident, address) in up:
                     untold.extend(runs)
+            untold.extend(links.take_dropped())
             if untold:
                 self._send(P.TaskResults([], None, untold))
 
