@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import time
+
+import cloudpickle
 import pytest
 
-from zdist.worker.execute import QUICK_AFTER_RUNS, QUICK_TASK_SECONDS, FunctionCache
+from zdist import serialize
+from zdist.keys import key_group
+from zdist.worker.execute import (
+    QUICK_AFTER_RUNS,
+    QUICK_TASK_SECONDS,
+    SLOW_TASK_SECONDS,
+    FunctionCache,
+    run_task,
+)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -42,3 +53,30 @@ def test_groups_are_forgotten_past_the_cache_size() -> None:
             cache.record(name, QUICK)
     assert cache.is_quick("f")
     assert len(cache._quick_runs) <= 5
+
+
+def test_a_group_that_once_ran_long_never_runs_on_the_io_thread() -> None:
+    # A long run inline would hold up the worker's heartbeats, transfers and cancels.
+    cache = FunctionCache()
+    cache.record("load", SLOW_TASK_SECONDS)
+    for _ in range(10 * QUICK_AFTER_RUNS):
+        cache.record("load", QUICK)
+    assert not cache.is_quick("load")
+
+
+def _fail_after(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    raise ValueError("no")
+
+
+def test_a_run_that_raises_counts_too() -> None:
+    cache = FunctionCache()
+    for _ in range(QUICK_AFTER_RUNS):
+        cache.record(key_group("fail_after-1"), QUICK)
+    assert cache.is_quick(key_group("fail_after-1"))
+    fn = [cloudpickle.dumps(_fail_after)]
+    out = run_task("fail_after-2", fn, serialize.dumps(((SLOW,), {})), None, cache)
+    assert not out.ok
+    assert not cache.is_quick(key_group("fail_after-2"))

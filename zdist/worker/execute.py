@@ -29,6 +29,9 @@ FUNCTION_CACHE_SIZE = 512
 #: heartbeats wait at most this long.
 QUICK_TASK_SECONDS = 0.002
 QUICK_AFTER_RUNS = 3
+#: A function that once ran this long never runs on the I/O thread: a thread
+#: preempted on a busy machine loses milliseconds, not this.
+SLOW_TASK_SECONDS = 0.1
 
 
 class FunctionCache:
@@ -39,18 +42,29 @@ class FunctionCache:
         # name, or the dask operation), not by pickled function: graph tasks all
         # share one wrapper whose cost is that of what it wraps. One slow run (a
         # thread preempted on a busy machine, the first call's imports) counts until
-        # QUICK_AFTER_RUNS quick ones follow it, not for ever.
+        # QUICK_AFTER_RUNS quick ones follow it, not for ever. A group with a run
+        # of SLOW_TASK_SECONDS or more never runs there: such a run would hold up
+        # the worker's heartbeats, transfers and cancels.
         self._quick_runs: dict[str, int] = {}
+        self._slow: set[str] = set()
 
     def record(self, group: str, duration: float) -> None:
+        if duration >= SLOW_TASK_SECONDS:
+            if len(self._slow) > self._size:
+                self._slow.clear()
+            self._slow.add(group)
         streak = self._quick_runs
         if group not in streak and len(streak) > self._size:
             streak.clear()
         streak[group] = streak.get(group, 0) + 1 if duration < QUICK_TASK_SECONDS else 0
 
     def is_quick(self, group: str) -> bool:
-        """The last QUICK_AFTER_RUNS runs each took under QUICK_TASK_SECONDS."""
-        return self._quick_runs.get(group, 0) >= QUICK_AFTER_RUNS
+        """The last QUICK_AFTER_RUNS runs each took under QUICK_TASK_SECONDS, and
+        none ever took SLOW_TASK_SECONDS."""
+        return (
+            self._quick_runs.get(group, 0) >= QUICK_AFTER_RUNS
+            and group not in self._slow
+        )
 
     def get(self, frame: Any) -> Callable[..., Any]:
         data = frame if isinstance(frame, bytes) else bytes(frame)
@@ -113,6 +127,8 @@ def run_task(
             functions.record(key_group(key), time.perf_counter() - start)
     except BaseException as exc:
         out.duration = time.perf_counter() - start
+        if fn_frames is not None:
+            functions.record(key_group(key), out.duration)
         _set_error(out, exc)
         return out
     out.duration = time.perf_counter() - start
