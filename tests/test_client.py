@@ -363,10 +363,12 @@ def test_secede_rejoin_get_client(client: Client) -> None:
 def test_result_timeout(client: Client, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     f = client.submit(tasks.wait_for_path, str(gate), pure=False)
-    with pytest.raises(TimeoutError):
-        f.result(timeout=0.2)
-    assert not f.done()  # the wait gave up; the task did not end
-    gate.touch()
+    try:
+        with pytest.raises(TimeoutError):
+            f.result(timeout=0.2)
+        assert not f.done()  # the wait gave up; the task did not end
+    finally:
+        gate.touch()  # frees the shared cluster's worker thread either way
     assert f.result(timeout=30) == str(gate)
 
 
