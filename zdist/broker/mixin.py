@@ -1,4 +1,5 @@
-"""The base of BrokerState's mixins (clients.ClientSide, dispatch.Dispatch).
+"""The base of BrokerState's mixins (clients.ClientSide, workers.WorkerSide,
+dispatch.Dispatch).
 
 A mixin reaches BrokerState's attributes and methods through ``self``; naming
 BrokerState as its base would be an import cycle, so type checkers see an Any base.
