@@ -256,6 +256,24 @@ def broker_and_worker() -> Iterator[tuple[ScriptedBroker, Worker]]:
         yield both
 
 
+def _send_direct(
+    broker: ScriptedBroker,
+    key: str,
+    fn: Any,
+    arg: Any,
+    ident: bytes,
+    address: str,
+    run: int,
+) -> None:
+    """RunTasks for ``fn(arg)`` as ``key``, its result to go to the client ``ident``
+    at ``address`` (assignment ``run``)."""
+    fl = P.FrameList()
+    fn_ref = fl.add([cloudpickle.dumps(fn)], inline=False)
+    args_ref = fl.add(serialize.dumps(((arg,), {})))
+    entry = [key, fn_ref, args_ref, [], None]
+    broker.send(P.RunTasks([entry], None, [[ident, address, [[key, run]]]]), fl.frames)
+
+
 def _run_direct(
     broker: ScriptedBroker,
     key: str,
@@ -264,12 +282,7 @@ def _run_direct(
     address: str,
     run: int = 7,
 ) -> Any:
-    fl = P.FrameList()
-    fn_ref = fl.add([cloudpickle.dumps(tasks.identity)], inline=False)
-    args_ref = fl.add(serialize.dumps(((value,), {})))
-    direct = [[ident, address, [[key, run]]]]
-    run = P.RunTasks([[key, fn_ref, args_ref, [], None]], None, direct)
-    broker.send(run, fl.frames)
+    _send_direct(broker, key, tasks.identity, value, ident, address, run)
     results, _ = broker.expect(P.TaskResults)
     assert [(r[0], r[1]) for r in results.results] == [(key, "memory")]
     return results
@@ -336,11 +349,7 @@ def test_a_told_result_that_cannot_go_is_handed_back_to_the_broker(
     told_before = None
     for i in range(200):
         key = f"identity-gone-{i}"
-        fl = P.FrameList()
-        fn = fl.add([cloudpickle.dumps(tasks.identity)], inline=False)
-        entry = [key, fn, fl.add(serialize.dumps(((i,), {}))), [], None]
-        direct = [[ident, address, [[key, i]]]]
-        broker.send(P.RunTasks([entry], None, direct), fl.frames)
+        _send_direct(broker, key, tasks.identity, i, ident, address, i)
         results, _ = broker.expect(P.TaskResults)
         if results.untold:  # the previous result's send failed after its report
             assert results.results == [] and results.untold == told_before
@@ -414,12 +423,8 @@ def test_a_link_evicted_for_another_client_still_delivers_what_it_was_told(
         n = 2 * _socket_buffer_bytes() // (32 * 1024) + 8
         for i in range(n):
             key = f"make_bytes-stalled-{i}"
-            fl = P.FrameList()
-            fn_ref = fl.add([cloudpickle.dumps(tasks.make_bytes)], inline=False)
-            args_ref = fl.add(serialize.dumps(((32 * 1024,), {})))
-            direct = [[b"c-stalled", address, [[key, i + 1]]]]
-            broker.send(
-                P.RunTasks([[key, fn_ref, args_ref, [], None]], None, direct), fl.frames
+            _send_direct(
+                broker, key, tasks.make_bytes, 32 * 1024, b"c-stalled", address, i + 1
             )
             results, _ = broker.expect(P.TaskResults)
             told.update(k for k, _ in results.told or [])
@@ -434,13 +439,8 @@ def test_a_link_evicted_for_another_client_still_delivers_what_it_was_told(
             others[-1] = (sock, bind_local_socket(sock, path, zap=False), path)
             for i in range(200):  # until this link is up, as _link_up
                 key = f"identity-other-{j}-{i}"
-                fl = P.FrameList()
-                fn_ref = fl.add([cloudpickle.dumps(tasks.identity)], inline=False)
-                args_ref = fl.add(serialize.dumps(((i,), {})))
-                direct = [[sock.identity, others[-1][1], [[key, i + 1]]]]
-                broker.send(
-                    P.RunTasks([[key, fn_ref, args_ref, [], None]], None, direct),
-                    fl.frames,
+                _send_direct(
+                    broker, key, tasks.identity, i, sock.identity, others[-1][1], i + 1
                 )
                 results, _ = broker.expect(P.TaskResults)
                 while not results.results:  # results of the dropped link, handed back
@@ -520,14 +520,8 @@ def test_a_cancelled_task_that_runs_on_reports_to_the_broker_only(
     sock, address = client_socket
     _link_up(broker, sock, address)
     gate = tmp_path / "gate"
-    fl = P.FrameList()
-    fn_ref = fl.add([cloudpickle.dumps(tasks.wait_for_path)], inline=False)
-    args_ref = fl.add(serialize.dumps(((str(gate),), {})))
     key = "wait_for_path-1"
-    direct = [[sock.identity, address, [[key, 1]]]]
-    broker.send(
-        P.RunTasks([[key, fn_ref, args_ref, [], None]], None, direct), fl.frames
-    )
+    _send_direct(broker, key, tasks.wait_for_path, str(gate), sock.identity, address, 1)
     wait_for(lambda: key in worker._executing, 10)
     broker.send(P.CancelTasks([key]))
     # Opened before the cancel arrives, the gate would let the result go first.
