@@ -43,28 +43,28 @@ class FunctionCache:
         # share one wrapper whose cost is that of what it wraps. One slow run (a
         # thread preempted on a busy machine, the first call's imports) counts until
         # QUICK_AFTER_RUNS quick ones follow it, not for ever. A group with a run
-        # of SLOW_TASK_SECONDS or more never runs there: such a run would hold up
-        # the worker's heartbeats, transfers and cancels.
+        # of SLOW_TASK_SECONDS or more never runs there (-1): such a run would hold
+        # up the worker's heartbeats, transfers and cancels.
         self._quick_runs: dict[str, int] = {}
-        self._slow: set[str] = set()
 
     def record(self, group: str, duration: float) -> None:
-        if duration >= SLOW_TASK_SECONDS:
-            if len(self._slow) > self._size:
-                self._slow.clear()
-            self._slow.add(group)
         streak = self._quick_runs
-        if group not in streak and len(streak) > self._size:
-            streak.clear()
-        streak[group] = streak.get(group, 0) + 1 if duration < QUICK_TASK_SECONDS else 0
+        n = streak.get(group)
+        if n is None:
+            if len(streak) > self._size:
+                streak.clear()
+            n = 0
+        if n < 0:
+            return
+        if duration >= SLOW_TASK_SECONDS:
+            streak[group] = -1
+        else:
+            streak[group] = n + 1 if duration < QUICK_TASK_SECONDS else 0
 
     def is_quick(self, group: str) -> bool:
         """The last QUICK_AFTER_RUNS runs each took under QUICK_TASK_SECONDS, and
         none ever took SLOW_TASK_SECONDS."""
-        return (
-            self._quick_runs.get(group, 0) >= QUICK_AFTER_RUNS
-            and group not in self._slow
-        )
+        return self._quick_runs.get(group, 0) >= QUICK_AFTER_RUNS
 
     def get(self, frame: Any) -> Callable[..., Any]:
         data = frame if isinstance(frame, bytes) else bytes(frame)
