@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -106,3 +108,11 @@ def wait_for_path(path: str) -> str:
             raise TimeoutError(f"{path} never appeared")
         time.sleep(0.01)
     return path
+
+
+def die_once(path: str) -> int:
+    """Kill this process the first time (leaving ``path``); return 42 after."""
+    if not os.path.exists(path):
+        Path(path).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return 42

@@ -150,7 +150,7 @@ def test_trailing_fields_with_defaults_may_be_left_off_by_an_older_sender() -> N
     assert P.decode(older)[0] == P.RunTasks([])
     for fields in (
         [[]],
-        [[], ["k"], None, "extra"],
+        [[], ["k"], None, None, "extra"],
     ):  # a required one missing; too many
         with pytest.raises(P.ProtocolError, match="wrong shape"):
             P.decode([P.VERSION + bytes((P.Op.SUBMIT,)) + header(fields)])

@@ -70,6 +70,9 @@ SENDER_SUFFIX = b"+s"
 #: instead of as a frame of its own: a zmq frame costs ~2 us to send and ~2 us to
 #: receive in pyzmq, which dominated the many tiny arguments and results of a map.
 INLINE_FRAME = 2048
+#: The run number (RunTasks.direct, TaskResults.told) of a task a client sent a
+#: worker itself (DirectResults.door); the broker numbers its assignments from 1.
+DOOR_RUN = 0
 #: Bytes per message above which a receiver drops it.
 MAX_MESSAGE_BYTES_DEFAULT = 8 * 1024**3
 
@@ -246,19 +249,27 @@ class TaskResults(Message):
     """Worker -> broker, a batch. ``results``: ``[key, status, nbytes, typename, ref,
     text, duration]``; ``status`` is ``"memory"`` (ref: inline result frames or
     ``None``), ``"error"`` (ref: pickled exception + traceback frames, text: ``type:
-    message``), ``"cancelled"`` (dropped before it ran, after CancelTasks), or
+    message``), ``"cancelled"`` (dropped before it ran, after CancelTasks),
     ``"missing"`` (text: the dependency key that could not be fetched, typename: the
-    peer that failed to give it). ``duration`` is the run time in seconds (-1 for
-    a replica fetched from a peer). ``told``: ``[[key, run], ...]``, ``"memory"``
-    results this worker sends to their client itself (RunTasks.direct); the broker
-    does not, if ``run`` is the task's current assignment. The worker reports them
-    before it sends them (so the broker knows of a result before its client can ask
-    about it), counting on a connection that has worked; ``untold`` then names those
-    whose sending failed after all, for the broker to send."""
+    peer that failed to give it), or ``"refused"`` (a task sent through the worker's
+    door that it did not start: see ``door``). ``duration`` is the run time in
+    seconds (-1 for a replica fetched from a peer). ``told``: ``[[key, run], ...]``,
+    ``"memory"`` results this worker sends to their client itself (RunTasks.direct,
+    or a door task); the broker does not, if ``run`` is the task's current
+    assignment. The worker reports a result of the broker's before it sends it (so
+    the broker knows of a result before its client can ask about it), counting on a
+    connection that has worked; ``untold`` then names those whose sending failed
+    after all, for the broker to send. A door task's result goes first, and is told
+    if it went."""
 
     results: list
     told: list | None = None
     untold: list | None = None
+    #: Keys of ``results`` whose task a client sent this worker itself (RunTasks
+    #: through the worker's door, :attr:`DirectResults.door`): their report may
+    #: reach the broker before the client's Submit does. Such a task the worker
+    #: would not start (it was not idle) is reported ``"refused"``.
+    door: list | None = None
 
 
 @message(Op.FREE_KEYS)
@@ -367,6 +378,10 @@ class Submit(Message):
     tasks: list
     wants: list
     release: list | None = None
+    #: ``[[key, worker], ...]``: tasks this client also sent straight to an idle
+    #: worker on this host (its identity, as :attr:`DirectResults.worker` gave it),
+    #: which runs them at once: the broker records them as processing there.
+    via: list | None = None
 
 
 def submit_entry(
@@ -407,9 +422,16 @@ class TaskUpdates(Message):
 class DirectResults(Message):
     """Worker -> client on the same host (RunTasks.direct): ``updates`` as in
     :class:`TaskUpdates`, all ``finished``. It may arrive before or after the broker's
-    word on the same key; it never overrides a future already settled."""
+    word on the same key; it never overrides a future already settled. ``door``: a
+    Unix socket of this worker's (``ipc://``, in its user's private directory) where
+    the client may send a lone task (a :class:`RunTasks` naming the client in
+    ``direct`` with run 0) while the worker is idle, telling the broker with
+    :attr:`Submit.via` and ``worker``, the worker's identity with the broker. That
+    takes the broker off the path of a one-at-a-time round trip altogether."""
 
     updates: list
+    door: str | None = None
+    worker: str | None = None
 
 
 @message(Op.RELEASE_KEYS)

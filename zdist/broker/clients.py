@@ -33,7 +33,7 @@ INSERTING = b"\x00inserting"
 class _Insertion:
     """A validated submission being inserted in slices."""
 
-    __slots__ = ("done", "ident", "new", "order", "seq", "wanted", "wants")
+    __slots__ = ("done", "ident", "new", "order", "seq", "via", "wanted", "wants")
 
     def __init__(
         self,
@@ -42,8 +42,10 @@ class _Insertion:
         order: list[str],
         new: dict[str, tuple[Any, ...]],
         seq: int,
+        via: dict[str, bytes] | None = None,
     ) -> None:
         self.ident = ident
+        self.via = via
         self.wants = wants
         self.wanted = set(wants)
         self.order = order
@@ -213,7 +215,19 @@ class ClientSide(StateMixin):
         # (see work()), so a 1,000,000-task submit does not silence the broker's
         # heartbeats for the tens of seconds it takes.
         order = _dependency_order(new) if forward_ref else list(new)
-        job = _Insertion(ident, msg.wants, order, new, next(self._seq))
+        via = None
+        if msg.via is not None:
+            via = {}
+            for entry in msg.via:
+                if (
+                    type(entry) is not list
+                    or len(entry) != 2
+                    or type(entry[0]) is not str
+                    or type(entry[1]) is not str
+                ):
+                    raise P.ProtocolError(f"malformed Submit.via entry {entry!r}")
+                via[entry[0]] = entry[1].encode()
+        job = _Insertion(ident, msg.wants, order, new, next(self._seq), via)
         for key in msg.wants:
             if key in tasks:
                 tasks[key].wanted_by.add(ident)
@@ -271,8 +285,14 @@ class ClientSide(StateMixin):
             for t in made:
                 if t.key in wanted:
                     t.wanted_by.add(job.ident)
+        via = job.via
         for t in made:
             if t.state is TaskState.RELEASED:
+                if via is not None and t.key in via and not t.deps:
+                    w = self.workers.get(via[t.key])
+                    if w is not None and job.ident in t.wanted_by:
+                        self._assign_door(t, w, job.ident)
+                        continue
                 self._schedule_new(t)
         job.done += len(keys)
         return len(keys)
@@ -287,6 +307,9 @@ class ClientSide(StateMixin):
                 if t is not None:
                     t.wanted_by.discard(INSERTING)
                     self._maybe_release(t)
+        if job.via is not None and self._early:
+            for key in job.via:
+                self._apply_early(key)
         if ident not in self.clients:
             return
         for key in dict.fromkeys(job.wants):

@@ -140,7 +140,7 @@ class Task:
         #: The client its worker was asked to send the result to (RunTasks.direct),
         #: and that assignment's number (a late report of an earlier run says another).
         self.direct_to: bytes | None = None
-        self.direct_run = 0
+        self.direct_run = -1  # none yet (P.DOOR_RUN is a client's own, >= 1 ours)
         self.wanted_by: set[bytes] = set()
         self.suspicious = 0
         self.group = ""  # dask's key_split of the key, for progress and the dashboard
@@ -311,7 +311,7 @@ def _check_result(entry: Any, payload: list[Any]) -> list[Any] | None:
         return None if ref is None else P.ref_frames(payload, ref)
     if status == "error":
         return P.ref_frames(payload, ref)
-    if status in ("missing", "cancelled"):
+    if status in ("missing", "cancelled", "refused"):
         return None
     raise P.ProtocolError(f"unknown task status {status!r}")
 

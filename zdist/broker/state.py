@@ -108,6 +108,10 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
         # worker -> client -> [key, run] whose results the worker sends the client.
         self._run_direct: dict[bytes, dict[bytes, list[list[Any]]]] = {}
         self._direct_runs = itertools.count(1)
+        # Reports of tasks that clients sent workers themselves (TaskResults.door)
+        # that came before the client's Submit did: key -> (worker, result entry,
+        # its frames, the run told, when). Applied when the Submit comes.
+        self._early: dict[str, tuple[bytes, list[Any], Any, int | None, float]] = {}
         self._updates: dict[bytes, tuple[list[Any], P.FrameList]] = {}
         self._free: dict[bytes, list[str]] = {}
         self.monitor = Monitor()
@@ -166,6 +170,8 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
                 "client %s missed its heartbeats; releasing its tasks", c.name
             )
             self.remove_client(c.ident)
+        if self._early:
+            self._expire_early(deadline)
         quiet = now - cfg.heartbeat_interval
         for w in self.workers.values():
             if w.last_sent < quiet:
@@ -251,83 +257,151 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
         frames_of = [_check_result(entry, payload) for entry in msg.results]
         told = None if msg.told is None else P.key_runs(msg.told, "told")
         untold = None if msg.untold is None else P.key_runs(msg.untold, "untold")
+        door = None
+        if msg.door is not None:
+            if not all(type(k) is str for k in msg.door):
+                raise P.ProtocolError("TaskResults.door: keys are strings")
+            door = set(msg.door)
+        tasks = self.tasks
         for entry, frames in zip(msg.results, frames_of, strict=True):
-            key, status, nbytes, typename, _ref, text, duration = entry
-            t = self.tasks.get(key)
-            if key in w.zombies and (t is None or t.processing_on != ident):
-                w.zombies.discard(key)  # a cancelled task's thread is free again
-            stolen = key in w.stealing
-            w.stealing.discard(key)
-            if status == "cancelled":
-                if stolen and t is not None and t.processing_on == ident:
-                    w.processing.pop(key, None)
-                    self._release_resources(w, t)
-                    t.processing_on = None
-                    self._requeue(t, "stolen")
-                continue
-            if t is None or t.processing_on != ident:
-                if status == "memory":
-                    if t is not None and t.state is TaskState.MEMORY:
-                        t.who_has.add(ident)
-                        w.data.add(key)
-                        self._handed_off(t)
-                        self._drop_extra_copies(t, w)
-                    else:
-                        self._free_key(ident, key)
-                continue
-            w.processing.pop(key, None)
-            w.seceded.discard(key)
-            self._release_resources(w, t)
-            t.processing_on = None
-            if duration >= 0:
-                w.avg_duration = (
-                    duration
-                    if w.avg_duration == 0
-                    else 0.8 * w.avg_duration + 0.2 * duration
-                )
-            if status == "memory":
-                self.monitor.finished(key, t.group, w.name, duration, self.wall)
-                self._task_finished(
-                    t,
-                    w,
-                    nbytes,
-                    typename,
-                    frames,
-                    told is not None and told.get(key) == t.direct_run,
-                )
-            elif status == "error":
-                assert frames is not None
-                if t.retries > 0:
-                    t.retries -= 1
-                    self._requeue(t, "retry")
-                else:
-                    self.monitor.erred(key, t.group, w.name, duration, text, self.wall)
-                    self._fail(t, frames, str(text))
-            elif status == "missing":
-                holder = self.tasks.get(text)
-                if holder is not None:
-                    for other in list(holder.who_has):
-                        ow = self.workers.get(other)
-                        if ow is None or ow.address == typename:
-                            holder.who_has.discard(other)
-                            if ow is not None:
-                                ow.data.discard(holder.key)
-                    if (
-                        not holder.who_has
-                        and holder.inline is None
-                        and holder.state is TaskState.MEMORY
-                    ):
-                        self._lost(holder)
-                self._requeue(t, f"missing dependency {text}")
+            key = entry[0]
+            if door is not None and key in door:
+                if key not in tasks and key not in w.zombies:
+                    # Before its client's Submit: applied when that comes.
+                    run = None if told is None else told.get(key)
+                    self._early[key] = (ident, entry, frames, run, self.now)
+                    continue
+            self._apply_result(w, entry, frames, told)
         if untold:
             self._send_untold(untold)
         self._note_if_idle(w)
         self._dirty = True
 
+    def _apply_result(
+        self, w: Worker, entry: list[Any], frames: Any, told: dict[str, int] | None
+    ) -> None:
+        """One checked TaskResults entry from worker ``w``."""
+        ident = w.ident
+        key, status, nbytes, typename, _ref, text, duration = entry
+        t = self.tasks.get(key)
+        if key in w.zombies and (t is None or t.processing_on != ident):
+            w.zombies.discard(key)  # a cancelled task's thread is free again
+        stolen = key in w.stealing
+        w.stealing.discard(key)
+        if status == "cancelled":
+            if stolen and t is not None and t.processing_on == ident:
+                w.processing.pop(key, None)
+                self._release_resources(w, t)
+                t.processing_on = None
+                self._requeue(t, "stolen")
+            return
+        if t is None or t.processing_on != ident:
+            if status == "memory":
+                if t is not None and t.state is TaskState.MEMORY:
+                    t.who_has.add(ident)
+                    w.data.add(key)
+                    self._handed_off(t)
+                    self._drop_extra_copies(t, w)
+                else:
+                    self._free_key(ident, key)
+            return
+        if status == "refused":
+            if t.direct_to is not None and t.direct_run == P.DOOR_RUN:
+                # Not idle after all: the broker places it.
+                w.processing.pop(key, None)
+                t.processing_on = None
+                t.direct_to = None
+                self._requeue(t, "refused by its worker")
+            return
+        w.processing.pop(key, None)
+        w.seceded.discard(key)
+        self._release_resources(w, t)
+        t.processing_on = None
+        if duration >= 0:
+            w.avg_duration = (
+                duration
+                if w.avg_duration == 0
+                else 0.8 * w.avg_duration + 0.2 * duration
+            )
+        if status == "memory":
+            self.monitor.finished(key, t.group, w.name, duration, self.wall)
+            self._task_finished(
+                t,
+                w,
+                nbytes,
+                typename,
+                frames,
+                told is not None and told.get(key) == t.direct_run,
+            )
+        elif status == "error":
+            assert frames is not None
+            if t.retries > 0:
+                t.retries -= 1
+                self._requeue(t, "retry")
+            else:
+                self.monitor.erred(key, t.group, w.name, duration, text, self.wall)
+                self._fail(t, frames, str(text))
+                if not self._needed(t):  # a door task released while it ran
+                    self._maybe_release(t)
+        elif status == "missing":
+            holder = self.tasks.get(text)
+            if holder is not None:
+                for other in list(holder.who_has):
+                    ow = self.workers.get(other)
+                    if ow is None or ow.address == typename:
+                        holder.who_has.discard(other)
+                        if ow is not None:
+                            ow.data.discard(holder.key)
+                if (
+                    not holder.who_has
+                    and holder.inline is None
+                    and holder.state is TaskState.MEMORY
+                ):
+                    self._lost(holder)
+            self._requeue(t, f"missing dependency {text}")
+
+    def _assign_door(self, t: Task, w: Worker, client: bytes) -> None:
+        """A new task that ``client`` sent ``w`` itself (Submit.via): processing
+        there, its result going to the client straight from the worker."""
+        t.waiting_on = 0
+        self._transition(t, TaskState.READY, "submitted")
+        self._transition(t, TaskState.PROCESSING, w.name)
+        w.zombies.discard(t.key)
+        t.queued = 0
+        t.processing_on = w.ident
+        w.processing[t.key] = None
+        t.direct_to = client
+        t.direct_run = P.DOOR_RUN
+
+    def _apply_early(self, key: str) -> None:
+        """The report that came before its task's Submit, now that it has come."""
+        early = self._early.pop(key, None)
+        if early is None:
+            return
+        ident, entry, frames, run, _ = early
+        w = self.workers.get(ident)
+        if w is None:
+            return
+        self._apply_result(w, entry, frames, None if run is None else {key: run})
+        self._note_if_idle(w)
+        self._dirty = True
+
+    def _expire_early(self, deadline: float) -> None:
+        """Reports whose Submit never came (its client died, or the submission was
+        refused): the worker frees what it holds."""
+        for key, (ident, entry, _, _, when) in list(self._early.items()):
+            if when < deadline or ident not in self.workers:
+                del self._early[key]
+                if entry[1] == "memory" and ident in self.workers:
+                    self._free_key(ident, key)
+
     def _send_untold(self, untold: dict[str, int]) -> None:
         """Results reported as told whose sending then failed: the broker tells their
         client after all, if the task is still that run's result and still wanted."""
         for key, run in untold.items():
+            early = self._early.get(key)
+            if early is not None and early[3] == run:  # not told after all
+                self._early[key] = (*early[:3], None, early[4])
             t = self.tasks.get(key)
             if (
                 t is not None
@@ -462,6 +536,11 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
 
     def _requeue(self, t: Task, why: str) -> None:
         """A task taken back from a worker: ready again, or waiting for lost deps."""
+        if t.state is TaskState.PROCESSING and not self._needed(t):
+            # A door task released while it ran (see _maybe_release).
+            self._transition(t, TaskState.RELEASED, why)
+            self._maybe_release(t)
+            return
         deps = [self.tasks[d] for d in t.deps]
         erred = next((d for d in deps if d.state is TaskState.ERRED), None)
         if erred is not None:
@@ -496,6 +575,17 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
             t = stack.pop()
             if t.wanted_by or t.n_active > 0 or tasks.get(t.key) is not t:
                 continue  # still needed (see _needed), or forgotten already
+            if (
+                t.state is TaskState.PROCESSING
+                and t.direct_run == P.DOOR_RUN
+                and t.direct_to is not None
+            ):
+                # A door task runs already (its worker took it idle), and its
+                # client, which has its result as a rule, releases it before the
+                # worker's report comes: that report finishes it (counted, in the
+                # task stream) and it is released then. A cancel would only cost a
+                # message to the worker.
+                continue
             released = True
             if t.state is TaskState.MEMORY:
                 for ident in t.who_has:

@@ -73,6 +73,9 @@ class Client:
         self._releases: dict[str, None] = {}  # keys to release, in order
         self._lock = threading.RLock()
         self._fn_cache: dict[Any, bytes] = {}
+        # The last task sent through a worker's door (submission.submit_call): one
+        # at a time, so a loop of submits without waiting goes by the broker.
+        self._door_task: FutureState | None = None
         self.cluster: Any = None
         self._owns_cluster = False
         self.status = "connecting"
@@ -226,6 +229,8 @@ class Client:
             # last word.
             futures = self._futures
             defer = self._conn.defer_callbacks
+            if msg.door is not None and msg.worker is not None:
+                self._conn.note_door(msg.door, msg.worker)
             for key, _, ref, _ in msg.updates:
                 st = futures.get(key)
                 if st is not None:

@@ -27,7 +27,7 @@ import select
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +61,10 @@ WAITER_TICK_MAX_MS = 250
 #: A waiting thread looks at its future at least this often (milliseconds), whatever
 #: happens to the socket.
 WAIT_RECHECK_MS = 1000
+#: Worker doors (DirectResults.door) a client keeps a socket to, the latest used.
+MAX_DOORS = 8
+#: A door whose worker has gone is retried at most this often (milliseconds).
+DOOR_RECONNECT_MAX_MS = 5000
 
 
 class _Waker:
@@ -162,6 +166,11 @@ class Connection:
             security.configure_client(self.sock)
             security.configure_client(self.out)
         self._send_lock = threading.Lock()
+        #: The door of the worker that last sent us results (DirectResults.door):
+        #: (its address, the worker's identity with the broker), and a socket to
+        #: each door used lately (under _send_lock).
+        self.door: tuple[str, str] | None = None
+        self._doors: OrderedDict[str, zmq.Socket[Any]] = OrderedDict()
         # Reading the receiving socket: the I/O thread, or a thread waiting on a
         # result (wait_for), one at a time and only while reading.
         self._rx_lock = threading.Lock()
@@ -226,7 +235,7 @@ class Connection:
         try:
             if released and submit is not None:
                 # One message, not two, on the path of every submit(...).result().
-                carrying = P.Submit(submit.tasks, submit.wants, released)
+                carrying = P.Submit(submit.tasks, submit.wants, released, submit.via)
                 frames = P.encode(carrying, payload)
                 carried, released = released, []
             else:
@@ -241,11 +250,53 @@ class Connection:
             if carried and submit is not None:
                 kept = self._unwanted(carried)
                 if len(kept) != len(carried):  # wanted again since taken (rare)
-                    again = P.Submit(submit.tasks, submit.wants, kept or None)
+                    again = P.Submit(
+                        submit.tasks, submit.wants, kept or None, submit.via
+                    )
                     frames[0] = P.encode(again)[0]
             self._send_releases_locked(released)
             send_frames(self.out, frames)
             self._last_sent = time.monotonic()
+
+    def note_door(self, door: str, worker: str) -> None:
+        """A local worker's door (DirectResults.door), from the thread reading."""
+        if self.direct is not None and is_ipc(door):
+            self.door = (door, worker)
+
+    def send_door(self, door: str, frames: list[Any]) -> bool:
+        """Send a lone task (a RunTasks) through a worker's door; False if it cannot
+        go now (no connection yet, or the worker has gone): it then goes by the
+        broker alone."""
+        with self._send_lock:
+            if self.out.closed:
+                return False
+            sock = self._doors.get(door)
+            if sock is None:
+                try:
+                    # Only our own user can have made it (zdist.localsocket).
+                    address = check_local_socket(door)
+                except (ZdistError, OSError, ValueError) as exc:
+                    logger.info("not using the worker door %r: %s", door[:200], exc)
+                    if self.door is not None and self.door[0] == door:
+                        self.door = None
+                    return False
+                sock = self.ctx.socket(zmq.DEALER)
+                sock.linger = 0
+                # Only with a live connection: a send to a worker that has gone (or
+                # not connected yet) fails at once, and the task goes by the broker.
+                sock.immediate = 1
+                sock.reconnect_ivl_max = DOOR_RECONNECT_MAX_MS
+                sock.connect(address)
+                self._doors[door] = sock
+                while len(self._doors) > MAX_DOORS:
+                    self._doors.popitem(last=False)[1].close(linger=0)
+            else:
+                self._doors.move_to_end(door)
+            try:
+                send_frames(sock, frames, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return False
+            return True
 
     def send_releases(self, keys: list[str]) -> None:
         """Send these released keys now (the I/O thread's turn, a failed send)."""
@@ -464,6 +515,9 @@ class Connection:
                     remove_socket(self.direct)
             with self._send_lock:
                 self.out.close(linger=0)
+                for door in self._doors.values():
+                    door.close(linger=0)
+                self._doors.clear()
             self._run_deferred()
             self.ctx.term()
             self._wake.close()

@@ -85,7 +85,29 @@ def submit_call(
         _worker_list(workers),
         allow_other_workers,
     )
-    client._conn.send(P.Submit([entry], [key]), fl.frames)
+    via = None
+    conn = client._conn
+    door = conn.door
+    if (
+        door is not None
+        and not deps
+        and not resources
+        and entry[7] is None
+        and not retries
+        and not priority
+        and (client._door_task is None or client._door_task.done)
+    ):
+        # A lone task with nothing to wait for: straight to the idle worker that
+        # last sent us a result (it refuses if busy), and the broker told (via).
+        run = P.RunTasks(
+            [[key, entry[1], entry[2], [], None]],
+            None,
+            [[conn.sock.identity, conn.direct, [[key, P.DOOR_RUN]]]],
+        )
+        if conn.send_door(door[0], P.encode(run, fl.frames)):
+            via = [[key, door[1]]]
+            client._door_task = future._state
+    conn.send(P.Submit([entry], [key], None, via), fl.frames)
     return future
 
 

@@ -26,8 +26,14 @@ import zmq
 from zdist import protocol as P
 from zdist import serialize
 from zdist._version import versions
+from zdist.errors import ZdistError
 from zdist.keys import key_group
-from zdist.localsocket import check_local_socket
+from zdist.localsocket import (
+    bind_local_socket,
+    check_local_socket,
+    remove_socket,
+    user_socket_dir,
+)
 from zdist.logs import RateLimitedLog, log_buffer
 from zdist.net import interface_ip, is_ipc, local_ip_towards, split_address
 from zdist.security import Security
@@ -133,6 +139,13 @@ class Worker(PeerTransfer):
         self._results: list[Any] = []
         self._result_frames = P.FrameList()
         self._links = ClientLinks(self.ctx)  # results straight to clients
+        # Where local clients send a lone task themselves (DirectResults.door), and
+        # the keys of such tasks not reported yet (TaskResults.door).
+        self.door: str | None = None
+        self._door_sock: zmq.Socket[Any] | None = None
+        self._door_keys: set[str] = set()
+        self.door_taken = 0  # tasks clients sent through the door, run or refused
+        self.door_refused = 0
         self._threads: list[threading.Thread] = []
         self._threads_lock = threading.Lock()
         self._active_threads = 0
@@ -185,6 +198,9 @@ class Worker(PeerTransfer):
         assert self.broker is not None
         poller.register(self.broker, zmq.POLLIN)
         broker = self.broker
+        door = self._open_door()
+        if door is not None:
+            poller.register(door, zmq.POLLIN)
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(self._poll_timeout()))
@@ -196,6 +212,8 @@ class Worker(PeerTransfer):
                     self.receive_from_broker()
                 if self.data_sock in events:
                     self.serve_peers()
+                if door is not None and door in events:
+                    self.serve_door(door)
                 for peer in self._peers.values():
                     if peer in events:
                         self.receive_from_peer(peer)
@@ -380,6 +398,85 @@ class Worker(PeerTransfer):
             type(exc).__name__,
             exc,
         )
+
+    # ==================================================================================
+    # the door: lone tasks straight from clients on this host
+
+    def _open_door(self) -> zmq.Socket[Any] | None:
+        """Listen for local clients' lone tasks on a Unix socket in this user's
+        private directory, if the broker is on this host too (we reach it on one)."""
+        if not is_ipc(self.broker_address):
+            return None
+        directory = user_socket_dir()
+        if directory is None:
+            return None
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        try:
+            # Only this user can reach that directory; with security on, the ZAP
+            # handler also checks each peer's user id (zdist.localsocket).
+            self.door = bind_local_socket(
+                sock,
+                os.path.join(directory, f"{uuid.uuid4().hex}.sock"),
+                zap=self._auth is not None,
+            )
+        except (OSError, zmq.ZMQError, ZdistError) as exc:
+            logger.info(
+                "worker %s takes tasks from the broker only: %s", self.name, exc
+            )
+            sock.close(linger=0)
+            return None
+        self._door_sock = sock
+        return sock
+
+    def serve_door(self, sock: zmq.Socket[Any]) -> None:
+        while True:
+            frames = recv_ready(sock)
+            if frames is None:
+                return
+            try:
+                msg, payload = P.decode(frames[1:])
+                self._on_door_task(msg, payload)
+            except Exception as exc:
+                self._drop("a task from a client", exc)
+
+    def _on_door_task(self, msg: P.Message, payload: list[Any]) -> None:
+        """A client's lone task (DirectResults.door): run it if idle, else refuse it
+        to the broker, which the client told (Submit.via) and which then places it."""
+        if type(msg) is not P.RunTasks:
+            raise P.ProtocolError(f"{type(msg).__name__} through a worker's door")
+        direct = msg.direct
+        if (
+            len(msg.tasks) != 1
+            or msg.free
+            or type(msg.tasks[0]) is not list
+            or len(msg.tasks[0]) != 5
+            or msg.tasks[0][1] is None
+            or msg.tasks[0][3] != []
+            or msg.tasks[0][4] is not None
+            or type(direct) is not list
+            or len(direct) != 1
+            or type(direct[0]) is not list
+            or len(direct[0]) != 3
+            or direct[0][2] != [[msg.tasks[0][0], P.DOOR_RUN]]
+        ):
+            raise P.ProtocolError("a door task is one task, no dependencies, run 0")
+        key = msg.tasks[0][0]
+        if type(key) is not str:
+            raise P.ProtocolError("task keys are strings")
+        self._door_keys.add(key)
+        if (
+            self.tasks
+            or self.status != "running"
+            or self.paused
+            or self._closing
+            or key in self.data
+        ):
+            self._results.append([key, "refused", 0, "", None, "", -1])
+            self.door_refused += 1
+            return
+        self.door_taken += 1
+        self._on_run_tasks(msg, payload)
 
     def _handle_broker(self, msg: P.Message, payload: list[Any]) -> None:
         if isinstance(msg, P.RunTasks):
@@ -619,33 +716,56 @@ class Worker(PeerTransfer):
         del t
 
     def flush_results(self) -> None:
-        if self._results and self.status in ("running", "closing", "retiring"):
-            links = self._links
-            groups = (
-                links.groups(self._results, self._result_frames.frames)
-                if links.pending
-                else {}
-            )
+        if not self._results or self.status not in ("running", "closing", "retiring"):
+            return
+        links = self._links
+        results, frames = self._results, self._result_frames.frames
+        self._results = []
+        self._result_frames = P.FrameList()
+        groups = links.groups(results, frames) if links.pending else {}
+        door = None
+        if self._door_keys:
+            door_keys = self._door_keys
+            door = [r[0] for r in results if r[0] in door_keys]
+            door_keys.difference_update(door)
+        told: list[Any] = []
+        untold: list[Any] = []
+        if door:
+            # Tasks a client sent us itself: its Submit may reach the broker after
+            # our report anyway, so the result goes first (the round trip's path).
+            for address, msg, runs in self._direct_messages(groups):
+                if links.send(address, msg, runs):
+                    told.extend(runs)
+        else:
             # Reported first, delivered second: once a client has its result, the
-            # broker knows of it too (a client asking the broker about its task right
-            # after must not find it still running). A result counts as told if its
-            # client's connection has worked; the few that then fail go in "untold".
-            up = {to for to in groups if links.is_up(to[1])}
-            told = [run for to in up for run in groups[to][1]]
-            self._send(
-                P.TaskResults(self._results, told or None),
-                self._result_frames.frames,
-            )
-            self._results = []
-            self._result_frames = P.FrameList()
-            untold = []
-            for (ident, address), (updates, runs, fl) in groups.items():
-                msg = P.encode(P.DirectResults(updates), fl.frames)
-                if not links.send(address, msg, runs) and (ident, address) in up:
+            # broker knows of it too (a client asking the broker about its task
+            # right after must not find it still running). A result counts as told
+            # if its client's connection has worked; the few that then fail go in
+            # "untold".
+            up = {to[1] for to in groups if links.is_up(to[1])}
+            told = [run for to in groups if to[1] in up for run in groups[to][1]]
+        self._send(P.TaskResults(results, told or None, None, door), frames)
+        if not door:
+            for address, msg, runs in self._direct_messages(groups):
+                if not links.send(address, msg, runs) and address in up:
                     untold.extend(runs)
-            untold.extend(links.take_dropped())
-            if untold:
-                self._send(P.TaskResults([], None, untold))
+        untold.extend(links.take_dropped())
+        if untold:
+            self._send(P.TaskResults([], None, untold))
+
+    def _direct_messages(
+        self, groups: dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]]
+    ) -> list[tuple[str, list[Any], list[Any]]]:
+        """(address, encoded DirectResults, its [key, run] pairs) per client."""
+        worker = self._ident.decode()
+        return [
+            (
+                address,
+                P.encode(P.DirectResults(updates, self.door, worker), fl.frames),
+                runs,
+            )
+            for (_, address), (updates, runs, fl) in groups.items()
+        ]
 
     # ==================================================================================
     # Client.run
@@ -748,6 +868,10 @@ class Worker(PeerTransfer):
             self.broker.close(linger=0)
         self._links.close()
         self.data_sock.close(linger=0)
+        if self._door_sock is not None:
+            self._door_sock.close(linger=0)
+            if self.door is not None:
+                remove_socket(self.door)
         if self._auth is not None:
             self._auth.stop()
         if self._own_ctx:
