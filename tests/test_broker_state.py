@@ -15,6 +15,8 @@ from zdist.broker.graph import TaskGraph, find_cycle, topological_order
 from zdist.broker.state import (
     _TRANSITIONS,
     FINAL_STATES,
+    FREE_BATCH,
+    FREE_DELAY,
     LOCALITY_BYTES,
     STORY_LENGTH,
     BrokerConfig,
@@ -79,9 +81,14 @@ class Sim:
         msg, frames = P.decode(P.encode(msg, list(payload)))
         self.st.handle(ident, msg, frames, self.now)
 
-    def flush(self) -> list[tuple[bytes, P.Message, list[Any]]]:
+    def flush(
+        self, now: float | None = None
+    ) -> list[tuple[bytes, P.Message, list[Any]]]:
+        """What the state sends; ``now`` moves the clock on first (frees fall due)."""
+        if now is not None:
+            self.now = now
         out = []
-        for ident, msg, payload in self.st.flush():
+        for ident, msg, payload in self.st.flush(now):
             back, frames = P.decode(P.encode(msg, payload))
             assert back == msg
             out.append((ident, back, frames))
@@ -2056,3 +2063,51 @@ def test_large_submission_is_inserted_in_slices_with_later_messages_in_order() -
     assert not st.has_work()
     # Intermediate results were released once their dependents ran.
     assert st.tasks[f"k{n - 2}"].state.value == "released"
+
+
+def test_frees_of_small_results_wait_for_company_and_large_ones_go_at_once() -> None:
+    sim = Sim()
+    sim.worker(W1)
+    sim.client(C1)
+
+    def run_all(*tasks: T, large: tuple[str, ...] = ()) -> None:
+        sim.submit(C1, *tasks)
+        left = {t.key for t in tasks}
+        while left:
+            for k in run_keys(sim.flush()).get(W1, []):
+                sim.finish(W1, k, large=k in large)
+                left.discard(k)
+        assert freed(sim.flush(), W1) == []
+
+    small = [f"s{i}" for i in range(3)]
+    run_all(*(T(k) for k in small))
+    sim.send(C1, P.ReleaseKeys(small))
+    assert freed(sim.flush(), W1) == []  # small: kept on W1 a little longer
+    assert freed(sim.flush(FREE_DELAY / 2), W1) == []
+    # Due: FREE_DELAY after the first was queued.
+    assert freed(sim.flush(FREE_DELAY), W1) == small
+    # A large result goes at once, and takes the small ones queued with it.
+    run_all(T("s3"), T("big"), large=("big",))
+    sim.send(C1, P.ReleaseKeys(["s3"]))
+    assert freed(sim.flush(), W1) == []
+    sim.send(C1, P.ReleaseKeys(["big"]))
+    assert freed(sim.flush(), W1) == ["big", "s3"]
+    # FREE_BATCH small ones go together, at once.
+    many = [f"m{i:04d}" for i in range(FREE_BATCH)]
+    run_all(*(T(k) for k in many))
+    sim.send(C1, P.ReleaseKeys(many[:-1]))
+    assert freed(sim.flush(), W1) == []
+    sim.send(C1, P.ReleaseKeys(many[-1:]))
+    assert freed(sim.flush(), W1) == many
+    # Keys pending for a worker go with the next RunTasks to it.
+    run_all(T("x"))
+    sim.send(C1, P.ReleaseKeys(["x"]))
+    sim.submit(C1, T("y"))
+    (msg,) = sent(sim.flush(), P.RunTasks, W1)
+    assert msg.free == ["x"]
+    sim.finish(W1, "y")
+    sim.send(C1, P.ReleaseKeys(["y"]))
+    sim.flush()
+    # A worker that leaves takes its pending frees with it.
+    sim.st.remove_worker(W1, planned=True)
+    assert sim.flush(sim.now + 1) == []

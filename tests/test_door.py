@@ -32,6 +32,7 @@ from utils import wait_for
 
 from zdist import Client, LocalCluster, get_worker, serialize
 from zdist import protocol as P
+from zdist.broker.state import FREE_DELAY
 from zdist.localsocket import bind_local_socket, remove_socket, user_socket_dir
 from zdist.wire import recv_frames, send_frames
 from zdist.worker.worker import Worker, WorkerConfig
@@ -210,8 +211,11 @@ def test_a_door_task_released_before_its_report_is_finished_then_freed() -> None
     assert sim.state("a").name == "PROCESSING"
     _door_result(sim, W1, "a")
     out = sim.flush()
-    assert freed(out, W1) == ["a"] and updates(out) == {}
+    assert updates(out) == {}
     assert sim.st._early == {} and "a" not in sim.st.tasks
+    # A small result: its free waits a little, for company (FREE_BATCH).
+    assert freed(out, W1) == []
+    assert freed(sim.flush(sim.now + FREE_DELAY), W1) == ["a"]
     assert sim.st.counters["tasks_done"] == 1
     assert sim.st.workers[W1].processing == {}
 

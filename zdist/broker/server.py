@@ -195,7 +195,7 @@ class BrokerServer:
         self.state.refuse(ident, msg, text)
 
     def send_pending(self) -> None:
-        out = self.state.flush()
+        out = self.state.flush(time.monotonic())
         if not out:
             return
         sock = self.sock

@@ -53,6 +53,14 @@ from zdist.broker.workers import WorkerSide
 
 logger = logging.getLogger(__name__)
 
+#: Keys freed on a worker whose results were small (the broker kept a copy) wait,
+#: per worker, until this many are pending or the oldest is FREE_DELAY seconds old,
+#: or a RunTasks goes there anyway: a loop of submit(...).result() would otherwise
+#: wake the worker with a FreeKeys per round trip, in the middle of the next one.
+#: A large result's key goes at once (its memory matters).
+FREE_BATCH = 256
+FREE_DELAY = 0.05
+
 __all__ = [
     "FINAL_STATES",
     "FIRE_AND_FORGET",
@@ -114,6 +122,8 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
         self._early: dict[str, tuple[bytes, list[Any], Any, int | None, float]] = {}
         self._updates: dict[bytes, tuple[list[Any], P.FrameList]] = {}
         self._free: dict[bytes, list[str]] = {}
+        self._free_urgent: set[bytes] = set()  # a large result among them
+        self._free_since: dict[bytes, float] = {}  # when the first was queued
         self.monitor = Monitor()
         self.transitions: deque[tuple[str, str, str]] = deque(
             maxlen=TRANSITION_LOG_LENGTH
@@ -178,8 +188,11 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
                 self._send(w.ident, P.Heartbeat({}))
         self._steal()
 
-    def flush(self) -> list[Out]:
-        """Dispatch what can run, then return every message to send (and forget it)."""
+    def flush(self, now: float | None = None) -> list[Out]:
+        """Dispatch what can run, then return every message to send (and forget it).
+        ``now``: the time, if later than the last input's (frees fall due)."""
+        if now is not None:
+            self.now = now
         if self._dirty:
             self._dispatch()
         if self._info_pending:
@@ -202,14 +215,16 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
                     rec = clients.get(c)
                     if rec is not None and rec.direct is not None:
                         to.append([c, rec.direct, runs])
-            msg = P.RunTasks(tasks, free.pop(ident, None), to)
+            freeing = free.pop(ident, None)
+            if freeing is not None:
+                self._free_urgent.discard(ident)
+                self._free_since.pop(ident, None)
+            msg = P.RunTasks(tasks, freeing, to)
             out.append((ident, msg, frames.frames))
         self._run_batches.clear()
         direct.clear()
-        for ident, keys in free.items():
-            if ident in self.workers:
-                out.append((ident, P.FreeKeys(keys), []))
-        free.clear()
+        if free:
+            self._flush_frees(out)
         for ident, (updates, frames) in self._updates.items():
             out.append((ident, P.TaskUpdates(updates), frames.frames))
         self._updates.clear()
@@ -588,11 +603,12 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
                 continue
             released = True
             if t.state is TaskState.MEMORY:
+                small = t.inline is not None
                 for ident in t.who_has:
                     w = self.workers.get(ident)
                     if w is not None:
                         w.data.discard(t.key)
-                        self._free_key(ident, t.key)
+                        self._free_key(ident, t.key, urgent=not small)
                 t.who_has.clear()
                 t.inline = None
                 self._transition(t, TaskState.RELEASED, "not needed")
@@ -625,9 +641,37 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
     ) -> None:
         self._out.append((ident, msg, payload or []))
 
-    def _free_key(self, ident: bytes, key: str) -> None:
-        """Tell a worker to drop a result; batched per worker until flush()."""
-        self._free.setdefault(ident, []).append(key)
+    def _free_key(self, ident: bytes, key: str, urgent: bool = True) -> None:
+        """Tell a worker to drop a result; batched per worker until flush(), and
+        while not ``urgent`` (a small result) until due (FREE_BATCH)."""
+        keys = self._free.get(ident)
+        if keys is None:
+            keys = self._free[ident] = []
+            self._free_since[ident] = self.now
+        keys.append(key)
+        if urgent:
+            self._free_urgent.add(ident)
+
+    def _flush_frees(self, out: list[Out]) -> None:
+        free = self._free
+        urgent = self._free_urgent
+        since = self._free_since
+        due = self.now - FREE_DELAY
+        workers = self.workers
+        for ident in list(free):
+            keys = free[ident]
+            if (
+                ident in workers
+                and ident not in urgent
+                and len(keys) < FREE_BATCH
+                and since[ident] > due
+            ):
+                continue
+            del free[ident]
+            urgent.discard(ident)
+            del since[ident]
+            if ident in workers:
+                out.append((ident, P.FreeKeys(keys), []))
 
     def _update(
         self, client: bytes, key: str, status: str, frames: list[Any] | None, text: str
