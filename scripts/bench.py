@@ -34,8 +34,9 @@ security on and one off, alive together; each of 4 samples runs on one and then 
 other, and the cost is the median of those paired ratios. Both at LocalCluster's
 default (its processes on the broker's Unix socket) and with protocol="tcp"
 (CurveZMQ on every message); every other zdist row runs with security on (its
-default). With W1, the W1 floor row times
-2,000 round trips over the same four hops in bare pyzmq (bench_floor.py).
+default). With W1, the W1 floor rows time
+2,000 round trips over the same four hops in bare pyzmq, and over the two of a task
+sent through a worker's door (bench_floor.py).
 
 Beside it: bench_floor.py (W1's floor), bench_tasks.py (the task functions workers
 import), bench_memory.py (process trees and RSS from /proc), bench_report.py
@@ -883,6 +884,13 @@ def main(argv: list[str] | None = None) -> int:
             "zdist",
             "W1-floor",
             lambda: {"W1-floor": floor_round_trip(sizes.floor_trips)},
+            reps=1,
+            warmup=False,
+        )
+        runner.repeat(
+            "zdist",
+            "W1-floor-door",
+            lambda: {"W1-floor-door": floor_round_trip(sizes.floor_trips, hops=2)},
             reps=1,
             warmup=False,
         )

@@ -1,4 +1,4 @@
-"""W1's floor: the same four ZeroMQ hops as a zdist round trip, with no work at all.
+"""W1's floors: the ZeroMQ hops of a zdist round trip, with no work at all.
 
 A client DEALER sends 100 bytes to a broker ROUTER, which passes them to a worker
 DEALER, which sends them back through the broker to the client: three processes, over
@@ -8,6 +8,10 @@ messages as zdist's do; the client blocks in recv on its own socket (as zdist's 
 thread reads its own reply).
 Whatever zdist adds to W1 is above this line; a target below it cannot be met by any
 client -> broker -> worker design on these sockets, however little Python it runs.
+
+With ``hops=2`` the client sends straight to the worker, which binds a ROUTER and
+answers on the same connection: the path of a lone task sent through a worker's
+door (zdist.worker.worker.Worker.serve_door), the broker told but not on the path.
 
     python scripts/bench_floor.py [round_trips]
 """
@@ -75,19 +79,45 @@ def _worker(address: str) -> None:
     ctx.term()
 
 
-def floor_round_trip(n: int = 2000) -> float:
+def _door(address: str, bound: Any) -> None:
+    ctx: zmq.Context[Any] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.bind(address)
+    bound.set()
+    poller = zmq.Poller()
+    poller.register(router, zmq.POLLIN)
+    while True:
+        poller.poll(250)
+        ident, body = router.recv_multipart()
+        if body == QUIT:
+            break
+        router.send_multipart([ident, b"ready" if body == b"client" else body])
+    router.close()
+    ctx.term()
+
+
+def floor_round_trip(n: int = 2000, hops: int = 4) -> float:
     """Median microseconds of ``n`` client -> broker -> worker -> broker -> client
-    round trips, after 200 unmeasured ones."""
+    round trips (``hops=2``: client -> worker -> client), after 200 unmeasured
+    ones."""
     mp = multiprocessing.get_context("spawn")
     private = tempfile.mkdtemp(prefix="zdist-floor-")  # mode 0700
     address = f"ipc://{private}/broker.sock"
     bound = mp.Event()
-    broker = mp.Process(target=_broker, args=(address, bound), daemon=True)
-    broker.start()
-    if not bound.wait(60):
-        raise RuntimeError("the floor benchmark's broker did not start")
-    worker = mp.Process(target=_worker, args=(address,), daemon=True)
-    worker.start()
+    if hops == 2:
+        procs = [mp.Process(target=_door, args=(address, bound), daemon=True)]
+        procs[0].start()
+        if not bound.wait(60):
+            raise RuntimeError("the floor benchmark's worker did not start")
+    else:
+        broker = mp.Process(target=_broker, args=(address, bound), daemon=True)
+        broker.start()
+        if not bound.wait(60):
+            raise RuntimeError("the floor benchmark's broker did not start")
+        worker = mp.Process(target=_worker, args=(address,), daemon=True)
+        worker.start()
+        procs = [broker, worker]
     ctx: zmq.Context[Any] = zmq.Context()
     s = _client_socket(ctx)
     try:
@@ -108,7 +138,7 @@ def floor_round_trip(n: int = 2000) -> float:
     finally:
         s.close()
         ctx.term()
-        for p in (broker, worker):
+        for p in procs:
             p.join(10)
             if p.is_alive():
                 p.kill()
@@ -118,4 +148,7 @@ def floor_round_trip(n: int = 2000) -> float:
 
 if __name__ == "__main__":
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
-    print(f"{floor_round_trip(n):.0f} us per round trip (median of {n})")
+    print(f"{floor_round_trip(n):.0f} us per round trip (median of {n}), 4 hops")
+    print(
+        f"{floor_round_trip(n, hops=2):.0f} us per round trip (median of {n}), 2 hops"
+    )

@@ -63,7 +63,13 @@ ROWS: dict[str, RowSpec] = {
         ),
         RowSpec(
             "W1-floor",
-            "W1 floor: bare pyzmq, the same 4 hops, no work",
+            "W1 floor: bare pyzmq, client-broker-worker-broker-client, no work",
+            f"{MU}s per round trip",
+            False,
+        ),
+        RowSpec(
+            "W1-floor-door",
+            "W1 floor: bare pyzmq, client-worker-client (a door task), no work",
             f"{MU}s per round trip",
             False,
         ),
@@ -180,7 +186,7 @@ def target_for(
     if row == "W1-vs-ppe":
         # The 1.5x target measured without the drift between backends' runs.
         return "(context: the <= 1.5x ppe target, paired)", None
-    if row == "W1-floor":
+    if row in ("W1-floor", "W1-floor-door"):
         # Context for W1's ppe target, not a target: what the topology alone costs.
         p1 = medians.get("ppe", {}).get("W1")
         if z is None or p1 is None:
@@ -289,10 +295,12 @@ def markdown(
         "drift together). Plain rows are LocalCluster's default, where its own "
         "processes reach the broker over a private Unix socket; 'over TCP' rows "
         "use LocalCluster(protocol='tcp'), CurveZMQ on every message, as workers on "
-        "other hosts do. The W1 floor row is scripts/bench_floor.py: client -> "
+        "other hosts do. The W1 floor rows are scripts/bench_floor.py: client -> "
         "broker -> worker -> broker -> client over bare pyzmq on a Unix socket (as "
-        "LocalCluster's default) and no work, in three processes; nothing built "
-        "this way can beat it. W1 zdist/ppe paired is the median ratio of 10 "
+        "LocalCluster's default) and no work, in three processes, and client -> "
+        "worker -> client, the path of a lone task sent through a worker's door "
+        "(the broker told, off the path); nothing built on these hops can beat "
+        "them. W1 zdist/ppe paired is the median ratio of 10 "
         "adjacent W1 samples on a zdist cluster and a ProcessPoolExecutor alive "
         "together; W5 zdist/dask paired likewise, with a dask cluster. "
         "ppe's W4 is sequential submit().result() round trips: a ProcessPoolExecutor "

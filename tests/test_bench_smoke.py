@@ -26,6 +26,7 @@ TIMED_ROWS = [
     "W1",
     "W1-secoff",
     "W1-floor",
+    "W1-floor-door",
     "W1-secon",
     "W2",
     "W2-secon",
