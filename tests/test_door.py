@@ -47,8 +47,13 @@ DIRECT = "ipc:///tmp/zdist-sockets-0/c1.sock"
 # --- the broker's side, pure ---------------------------------------------------------
 
 
-def _sim(workers: tuple[bytes, ...] = (W1,)) -> Sim:
-    sim = Sim()
+def _sim(
+    workers: tuple[bytes, ...] = (W1,),
+    resources: dict[str, float] | None = None,
+    local: bool = True,
+    **config: Any,
+) -> Sim:
+    sim = Sim(**config)
     for w in workers:
         sim.send(
             w,
@@ -56,14 +61,14 @@ def _sim(workers: tuple[bytes, ...] = (W1,)) -> Sim:
                 w.decode(),
                 1,
                 2**30,
-                {},
+                resources or {},
                 f"tcp://{w.decode()}:9000",
                 "node-a",
                 1234,
                 "/tmp/zdist",
                 {"python": "3.11"},
                 [],
-                True,
+                local,
             ),
         )
     sim.send(C1, P.RegisterClient("c1", {"python": "3.11"}, DIRECT))
@@ -71,12 +76,23 @@ def _sim(workers: tuple[bytes, ...] = (W1,)) -> Sim:
     return sim
 
 
-def _submit_via(sim: Sim, key: str, worker: bytes, client: bytes = C1) -> None:
+RUN = P.DOOR_RUN - 1  # a client's first door run
+
+
+def _submit_via(
+    sim: Sim,
+    key: str,
+    worker: bytes,
+    client: bytes = C1,
+    run: int = RUN,
+    resources: dict[str, float] | None = None,
+    workers: list[str] | None = None,
+) -> None:
     fl = P.FrameList()
-    entry = [key, fl.add([b"fn"]), fl.add([b"args"]), [], 0, 0, None, None, False]
-    sim.send(
-        client, P.Submit([entry], [key], None, [[key, worker.decode()]]), fl.frames
-    )
+    entry = [key, fl.add([b"fn"]), fl.add([b"args"]), [], 0, 0, resources, workers]
+    entry.append(False)
+    via = [[key, worker.decode(), run]]
+    sim.send(client, P.Submit([entry], [key], None, via), fl.frames)
 
 
 def _door_result(
@@ -85,6 +101,7 @@ def _door_result(
     key: str,
     status: str = "memory",
     told: bool = True,
+    run: int = RUN,
 ) -> None:
     if status == "memory":
         entry = [key, "memory", 5, "bytes", [0, 1], "", 0.001]
@@ -95,8 +112,8 @@ def _door_result(
     else:
         entry = [key, status, 0, "", None, "", -1]
         payload = []
-    told_runs = [[key, P.DOOR_RUN]] if told and status == "memory" else None
-    sim.send(worker, P.TaskResults([entry], told_runs, None, [key]), payload)
+    told_runs = [[key, run]] if told and status == "memory" else None
+    sim.send(worker, P.TaskResults([entry], told_runs, None, [[key, run]]), payload)
 
 
 def test_a_task_sent_through_a_door_is_processing_there_and_not_sent_again() -> None:
@@ -131,7 +148,7 @@ def test_an_untold_result_reported_early_goes_by_the_broker() -> None:
     sim = _sim()
     _door_result(sim, W1, "a")
     # The send to the client failed after all (its link dropped, say).
-    sim.send(W1, P.TaskResults([], None, [["a", P.DOOR_RUN]]))
+    sim.send(W1, P.TaskResults([], None, [["a", RUN]]))
     sim.flush()
     _submit_via(sim, "a", W1)
     assert updates(sim.flush()) == {C1: [("a", "finished", [b"value"], "")]}
@@ -274,16 +291,95 @@ def test_a_worker_lost_with_a_door_task_has_it_run_elsewhere() -> None:
     check_invariants(sim.st)
 
 
+def test_via_is_ignored_for_restricted_tasks_remote_and_closing_workers() -> None:
+    # The client never sends these; the broker still places such tasks itself.
+    sim = _sim((W1,), resources={"GPU": 1})
+    _submit_via(sim, "a", W1, resources={"GPU": 1})
+    assert run_keys(sim.flush()) == {W1: ["a"]}
+    assert sim.st.workers[W1].avail == {"GPU": 0}
+    sim.finish(W1, "a")
+    sim.flush()
+    assert sim.st.workers[W1].avail == {"GPU": 1}
+    sim = _sim((W1, W2))
+    _submit_via(sim, "b", W1, workers=["w2"])
+    assert run_keys(sim.flush()) == {W2: ["b"]}
+    sim = _sim((W1,), local=False)
+    _submit_via(sim, "c", W1)
+    assert run_keys(sim.flush()) == {W1: ["c"]}
+    sim = _sim((W1, W2))
+    sim.send(W1, P.WorkerStatus("closing", []))
+    _submit_via(sim, "d", W1)
+    assert run_keys(sim.flush()) == {W2: ["d"]}
+
+
+def test_an_early_report_of_another_run_is_freed_not_applied() -> None:
+    # W1 ran "a" through its door once (run -5), and that report came late, after
+    # its task was gone; the client now sends "a" again (run -6).
+    sim = _sim()
+    _door_result(sim, W1, "a", run=-5)
+    _submit_via(sim, "a", W1, run=-6)
+    out = sim.flush()
+    assert freed(out, W1) == ["a"]  # the stale copy
+    assert sim.state("a").name == "PROCESSING"
+    assert sim.st.tasks["a"].direct_run == -6
+    _door_result(sim, W1, "a", run=-6)
+    assert updates(sim.flush()) == {}  # this run's result went to the client
+    assert sim.state("a").name == "MEMORY"
+
+
+def test_two_early_reports_of_one_key_are_each_settled() -> None:
+    sim = _sim((W1, W2))
+    _door_result(sim, W1, "a", run=-5)  # an older run, done
+    _door_result(sim, W1, "a", status="refused", run=-6)  # this one, refused
+    _submit_via(sim, "a", W1, run=-6)
+    out = sim.flush()
+    assert list(run_keys(out).values()) == [["a"]]  # placed by the broker
+    assert freed(out, W1) == ["a"]
+    assert sim.st._early == {}
+
+
+def test_a_door_task_wanted_again_is_told_by_the_broker_too() -> None:
+    # The client dropped the first future before the worker's result reached it,
+    # then asked for the same key again: the worker's "told" must not silence the
+    # broker, or the new future would never settle.
+    sim = _sim()
+    _submit_via(sim, "a", W1)
+    sim.flush()
+    sim.submit(C1, T("a"))
+    assert run_keys(sim.flush()) == {}
+    _door_result(sim, W1, "a")
+    assert updates(sim.flush()) == {C1: [("a", "finished", [b"value"], "")]}
+
+
+def test_a_killed_worker_does_not_keep_a_released_door_task() -> None:
+    sim = _sim((W1, W2), allowed_failures=0)
+    _submit_via(sim, "a", W1)
+    sim.send(C1, P.ReleaseKeys(["a"]))
+    sim.flush()
+    sim.st.remove_worker(W1, planned=False)
+    sim.flush()
+    assert "a" not in sim.st.tasks
+
+
 def test_malformed_via_is_a_protocol_error_and_changes_nothing() -> None:
     sim = _sim()
     fl = P.FrameList()
     entry = ["a", fl.add([b"fn"]), fl.add([b"args"]), [], 0, 0, None, None, False]
-    for via in ([["a"]], [["a", 1]], ["a"]):
+    for via in (
+        [["a"]],
+        [["a", "w1"]],
+        [["a", 1, RUN]],
+        ["a"],
+        [["a", "w1", 0]],  # not a door run: the broker's own numbers
+        [["a", "w1", 5]],
+        [["b", "w1", RUN]],  # not a task of this Submit
+    ):
         with pytest.raises(P.ProtocolError):
             sim.send(C1, P.Submit([entry], ["a"], None, via), fl.frames)
         assert "a" not in sim.st.tasks
-    with pytest.raises(P.ProtocolError):
-        sim.send(W1, P.TaskResults([], None, None, [1]))
+    for door in ([1], [["a"]], [["a", "x"]]):
+        with pytest.raises(P.ProtocolError):
+            sim.send(W1, P.TaskResults([], None, None, door))
 
 
 # --- the worker's side: a real Worker, a scripted broker on a Unix socket ------------
@@ -324,6 +420,7 @@ class _FakeClient:
         )
         self.door = self.ctx.socket(zmq.DEALER)
         self.door.linger = 0
+        self.run = RUN
 
     def send_task(self, key: str, fn: Any, *args: Any) -> None:
         fl = P.FrameList()
@@ -332,8 +429,9 @@ class _FakeClient:
         msg = P.RunTasks(
             [[key, fn_ref, args_ref, [], None]],
             None,
-            [[b"c1", self.address, [[key, P.DOOR_RUN]]]],
+            [[b"c1", self.address, [[key, self.run]]]],
         )
+        self.run -= 1
         send_frames(self.door, P.encode(msg, fl.frames))
 
     def result(self) -> tuple[P.DirectResults, list[Any]]:
@@ -386,16 +484,16 @@ def test_an_idle_worker_runs_a_door_task_and_sends_the_client_the_result() -> No
         # "told"); each round is one door task, and the loop waits for a told one.
         deadline = time.monotonic() + 30
         for i in itertools.count():
-            key = f"k{i}"
+            key, run = f"k{i}", client.run
             client.send_task(key, tasks.inc, i)
             report = _report(broker)
             assert [(r[0], r[1]) for r in report.results] == [(key, "memory")]
-            assert report.door == [key]
+            assert report.door == [[key, run]]
             if report.told:
                 break
             assert time.monotonic() < deadline, "the worker never linked to us"
             time.sleep(0.01)  # a poll interval: the link connects meanwhile
-        assert report.told == [[key, P.DOOR_RUN]]
+        assert report.told == [[key, run]]
         while True:
             msg, payload = client.result()
             keys = [u[0] for u in msg.updates]
@@ -416,10 +514,11 @@ def test_a_busy_worker_refuses_a_door_task(tmp_path: Path) -> None:
         args_ref = fl.add(serialize.dumps(((str(gate),), {})))
         broker.send(P.RunTasks([["slow", fn_ref, args_ref, [], None]]), fl.frames)
         wait_for(lambda: "slow" in worker._executing, what="the slow task to start")
+        run = client.run
         client.send_task("a", tasks.inc, 1)
         report = _report(broker)
         assert [(r[0], r[1]) for r in report.results] == [("a", "refused")]
-        assert report.door == ["a"] and not report.told
+        assert report.door == [["a", run]] and not report.told
         assert worker.door_refused == 1
         gate.touch()
         report = _report(broker)
@@ -435,10 +534,18 @@ def test_a_malformed_door_message_is_dropped_and_the_door_still_serves() -> None
         bad = P.RunTasks(
             [["a", fl.add([b"fn"]), fl.add([b"args"]), [["dep", ""]], None]],
             None,
-            [[b"c1", client.address, [["a", P.DOOR_RUN]]]],
+            [[b"c1", client.address, [["a", RUN]]]],
         )
         send_frames(client.door, P.encode(bad, fl.frames))  # has a dependency
-        wait_for(lambda: worker.dropped >= 3, what="three messages dropped")
+        fl = P.FrameList()
+        broker_run = P.RunTasks(
+            [["a", fl.add([b"fn"]), fl.add([b"args"]), [], None]],
+            None,
+            [[b"c1", client.address, [["a", 1]]]],
+        )
+        send_frames(client.door, P.encode(broker_run, fl.frames))  # not a door run
+        wait_for(lambda: worker.dropped >= 4, what="four messages dropped")
+        assert worker.door_taken == 0 and not worker.tasks
         client.send_task("b", tasks.inc, 2)
         report = _report(broker)
         assert [(r[0], r[1]) for r in report.results] == [("b", "memory")]
@@ -452,7 +559,7 @@ def _door_stats() -> tuple[int, int, str]:
     return (w.door_taken, w.door_refused, w._ident.decode())
 
 
-def test_one_at_a_time_round_trips_go_through_the_door() -> None:
+def test_one_at_a_time_round_trips_go_through_the_door(tmp_path: Path) -> None:
     with (
         LocalCluster(n_workers=2, dashboard_address=None) as cluster,
         Client(cluster, set_as_default=False) as c,
@@ -478,11 +585,17 @@ def test_one_at_a_time_round_trips_go_through_the_door() -> None:
         a = c.submit(tasks.inc, 1000)
         assert a.result(timeout=30) == 1001
         assert c.submit(tasks.add, a, 1).result(timeout=30) == 1002
-        # Of many at once, only the first goes through a door.
+        # Of many at once, only the first goes through a door (it waits on a gate
+        # meanwhile, so the others find it in flight).
         before = sum(s[0] for s in c.run(_door_stats).values())
-        futs = [c.submit(tasks.slow_inc, i, delay=0.05) for i in range(20)]
+        gate = tmp_path / "gate"
+        first = c.submit(tasks.wait_for_path, str(gate))
+        assert c._door_key == first.key
+        futs = [c.submit(tasks.inc, i) for i in range(20)]
+        gate.touch()
         assert c.gather(futs) == list(range(1, 21))
-        assert sum(s[0] for s in c.run(_door_stats).values()) <= before + 1
+        assert first.result(timeout=30) == str(gate)
+        assert sum(s[0] for s in c.run(_door_stats).values()) == before + 1
 
 
 def test_a_door_task_whose_worker_dies_runs_again_elsewhere(tmp_path: Path) -> None:
@@ -494,13 +607,16 @@ def test_a_door_task_whose_worker_dies_runs_again_elsewhere(tmp_path: Path) -> N
             c.submit(tasks.inc, i).result(timeout=30)
         assert c._conn.door is not None
         fut = c.submit(tasks.die_once, str(tmp_path / "died"), pure=False)
+        assert c._door_key == fut.key  # it went through a door
         assert fut.result(timeout=90) == 42
         assert (tmp_path / "died").exists()
 
 
 def test_a_future_argument_or_a_restriction_never_takes_the_door() -> None:
     with (
-        LocalCluster(n_workers=1, dashboard_address=None) as cluster,
+        LocalCluster(
+            n_workers=1, dashboard_address=None, resources={"GPU": 1}
+        ) as cluster,
         Client(cluster, set_as_default=False) as c,
     ):
         for i in range(10):
@@ -508,9 +624,12 @@ def test_a_future_argument_or_a_restriction_never_takes_the_door() -> None:
         before = c.run(_door_stats)
         a = c.submit(tasks.inc, 1, workers=list(before))
         a.result(timeout=30)
-        c.submit(tasks.add, a, 1, resources=None).result(timeout=30)
+        c.submit(tasks.add, a, 1).result(timeout=30)
         c.submit(tasks.inc, 5, retries=2).result(timeout=30)
         c.submit(tasks.inc, 6, priority=3).result(timeout=30)
+        c.submit(tasks.inc, 7, key="explicit-key").result(timeout=30)
+        c.submit(tasks.length, b"x" * 100_000).result(timeout=30)  # large argument
+        c.submit(tasks.inc, 8, resources={"GPU": 1}).result(timeout=30)
         after = c.run(_door_stats)
         assert [s[0] for s in after.values()] == [s[0] for s in before.values()]
 
@@ -525,9 +644,12 @@ def test_a_door_path_that_is_not_ours_is_never_used(tmp_path: Path) -> None:
         open_dir = tmp_path / "open"
         open_dir.mkdir()
         open_dir.chmod(0o777)
-        c._conn.note_door(f"ipc://{open_dir}/door.sock", "w-planted")
-        assert c.submit(tasks.inc, 1).result(timeout=30) == 2
-        assert c._conn._doors.get(f"ipc://{open_dir}/door.sock") is None
+        planted = f"ipc://{open_dir}/door.sock"
+        c._conn.note_door(planted, "w-planted")
+        c._conn.note_door = lambda door, worker: None  # type: ignore[method-assign]
+        for i in range(3):
+            assert c.submit(tasks.inc, i + 1).result(timeout=30) == i + 2
+        assert planted not in c._conn._doors
 
 
 def test_a_door_whose_worker_has_gone_leaves_tasks_to_the_broker() -> None:
@@ -540,6 +662,31 @@ def test_a_door_whose_worker_has_gone_leaves_tasks_to_the_broker() -> None:
         c.submit(tasks.inc, 0).result(timeout=30)
         directory = user_socket_dir()
         assert directory is not None
-        c._conn.note_door(f"ipc://{directory}/nobody-{time.time_ns()}.sock", "w-gone")
+        gone = f"ipc://{directory}/nobody-{time.time_ns()}.sock"
+        c._conn.note_door(gone, "w-gone")
+        c._conn.note_door = lambda door, worker: None  # type: ignore[method-assign]
         for i in range(5):
             assert c.submit(tasks.inc, i + 10).result(timeout=30) == i + 11
+            assert c._conn.door is not None and c._conn.door[0] == gone
+
+
+def test_a_door_future_dropped_before_it_settles_does_not_close_the_door() -> None:
+    with (
+        LocalCluster(n_workers=2, dashboard_address=None) as cluster,
+        Client(cluster, set_as_default=False) as c,
+    ):
+        for i in range(10):
+            c.submit(tasks.inc, i).result(timeout=30)
+        dropped = c.submit(tasks.slow_inc, 1, delay=0.3)
+        assert c._door_key == dropped.key
+        del dropped  # released before it settles
+        before = sum(s[0] for s in c.run(_door_stats).values())
+        i = 100
+
+        def more_through_doors() -> bool:
+            nonlocal i
+            i += 1
+            assert c.submit(tasks.inc, i).result(timeout=30) == i + 1
+            return sum(s[0] for s in c.run(_door_stats).values()) > before + 3
+
+        wait_for(more_through_doors, timeout=30, what="doors used again")

@@ -70,8 +70,9 @@ SENDER_SUFFIX = b"+s"
 #: instead of as a frame of its own: a zmq frame costs ~2 us to send and ~2 us to
 #: receive in pyzmq, which dominated the many tiny arguments and results of a map.
 INLINE_FRAME = 2048
-#: The run number (RunTasks.direct, TaskResults.told) of a task a client sent a
-#: worker itself (DirectResults.door); the broker numbers its assignments from 1.
+#: Run numbers (RunTasks.direct, TaskResults.told) of tasks a client sends a worker
+#: itself (DirectResults.door) are below this, counted down by the client; the
+#: broker numbers its own assignments from 1 up.
 DOOR_RUN = 0
 #: Bytes per message above which a receiver drops it.
 MAX_MESSAGE_BYTES_DEFAULT = 8 * 1024**3
@@ -265,10 +266,11 @@ class TaskResults(Message):
     results: list
     told: list | None = None
     untold: list | None = None
-    #: Keys of ``results`` whose task a client sent this worker itself (RunTasks
-    #: through the worker's door, :attr:`DirectResults.door`): their report may
-    #: reach the broker before the client's Submit does. Such a task the worker
-    #: would not start (it was not idle) is reported ``"refused"``.
+    #: ``[[key, run], ...]`` of ``results`` whose task a client sent this worker
+    #: itself (RunTasks through the worker's door, :attr:`DirectResults.door`;
+    #: ``run`` is the client's number for it): their report may reach the broker
+    #: before the client's Submit does. Such a task the worker did not start (it
+    #: was not idle) is reported ``"refused"``.
     door: list | None = None
 
 
@@ -378,9 +380,11 @@ class Submit(Message):
     tasks: list
     wants: list
     release: list | None = None
-    #: ``[[key, worker], ...]``: tasks this client also sent straight to an idle
-    #: worker on this host (its identity, as :attr:`DirectResults.worker` gave it),
-    #: which runs them at once: the broker records them as processing there.
+    #: ``[[key, worker, run], ...]``: tasks of ``tasks`` this client also sent
+    #: straight to an idle worker on this host (its identity, as
+    #: :attr:`DirectResults.worker` gave it), numbered ``run`` (< DOOR_RUN, this
+    #: client's own count), which runs them at once: the broker records them as
+    #: processing there.
     via: list | None = None
 
 
@@ -425,9 +429,9 @@ class DirectResults(Message):
     word on the same key; it never overrides a future already settled. ``door``: a
     Unix socket of this worker's (``ipc://``, in its user's private directory) where
     the client may send a lone task (a :class:`RunTasks` naming the client in
-    ``direct`` with run 0) while the worker is idle, telling the broker with
-    :attr:`Submit.via` and ``worker``, the worker's identity with the broker. That
-    takes the broker off the path of a one-at-a-time round trip altogether."""
+    ``direct`` with a run below DOOR_RUN) while the worker is idle, telling the
+    broker with :attr:`Submit.via` and ``worker``, the worker's identity with the
+    broker. That takes the broker off the path of a one-at-a-time round trip."""
 
     updates: list
     door: str | None = None

@@ -42,7 +42,7 @@ class _Insertion:
         order: list[str],
         new: dict[str, tuple[Any, ...]],
         seq: int,
-        via: dict[str, bytes] | None = None,
+        via: dict[str, tuple[bytes, int]] | None = None,
     ) -> None:
         self.ident = ident
         self.via = via
@@ -218,19 +218,29 @@ class ClientSide(StateMixin):
         via = None
         if msg.via is not None:
             via = {}
+            named = {e[0] for e in msg.tasks}
             for entry in msg.via:
                 if (
                     type(entry) is not list
-                    or len(entry) != 2
+                    or len(entry) != 3
                     or type(entry[0]) is not str
                     or type(entry[1]) is not str
+                    or type(entry[2]) is not int
+                    or entry[2] >= P.DOOR_RUN
+                    or entry[0] not in named
                 ):
-                    raise P.ProtocolError(f"malformed Submit.via entry {entry!r}")
-                via[entry[0]] = entry[1].encode()
+                    raise P.ProtocolError(f"malformed Submit.via entry {entry!r:.200}")
+                via[entry[0]] = (entry[1].encode(), entry[2])
         job = _Insertion(ident, msg.wants, order, new, next(self._seq), via)
         for key in msg.wants:
-            if key in tasks:
-                tasks[key].wanted_by.add(ident)
+            t = tasks.get(key)
+            if t is not None:
+                t.wanted_by.add(ident)
+                if t.direct_to == ident:
+                    # Wanted again by a new future: whatever the worker sends
+                    # straight may have reached the old one only, so the broker
+                    # tells this client too (a client takes a result once).
+                    t.direct_to = None
             c.wants.add(key)
         if len(order) <= INSERT_SLICE and not self._insertions:
             self._insert_slice(job, len(order))
@@ -288,10 +298,19 @@ class ClientSide(StateMixin):
         via = job.via
         for t in made:
             if t.state is TaskState.RELEASED:
-                if via is not None and t.key in via and not t.deps:
-                    w = self.workers.get(via[t.key])
-                    if w is not None and job.ident in t.wanted_by:
-                        self._assign_door(t, w, job.ident)
+                if via is not None and t.key in via:
+                    worker, run = via[t.key]
+                    w = self.workers.get(worker)
+                    if (
+                        w is not None
+                        and w.local
+                        and w.status == "running"
+                        and not t.deps
+                        and not t.resources
+                        and t.restrict is None
+                        and job.ident in t.wanted_by
+                    ):
+                        self._assign_door(t, w, job.ident, run)
                         continue
                 self._schedule_new(t)
         job.done += len(keys)
@@ -309,7 +328,7 @@ class ClientSide(StateMixin):
                     self._maybe_release(t)
         if job.via is not None and self._early:
             for key in job.via:
-                self._apply_early(key)
+                self._settle_early(key)
         if ident not in self.clients:
             return
         for key in dict.fromkeys(job.wants):

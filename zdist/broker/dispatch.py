@@ -244,6 +244,7 @@ class Dispatch(StateMixin):
         fn_ref = None if t.fn is None else frames.add(t.fn, share=True, inline=first)
         entries.append([t.key, fn_ref, frames.add(t.args), deps, t.resources])
         t.direct_to = None
+        t.direct_run = 0
         if w.local and len(t.wanted_by) == 1:
             # One client wants it, on this host: the worker sends it the result.
             for c in t.wanted_by:

@@ -140,7 +140,8 @@ class Task:
         #: The client its worker was asked to send the result to (RunTasks.direct),
         #: and that assignment's number (a late report of an earlier run says another).
         self.direct_to: bytes | None = None
-        self.direct_run = -1  # none yet (P.DOOR_RUN is a client's own, >= 1 ours)
+        #: Below P.DOOR_RUN: a client sent it through the door of processing_on.
+        self.direct_run = 0
         self.wanted_by: set[bytes] = set()
         self.suspicious = 0
         self.group = ""  # dask's key_split of the key, for progress and the dashboard

@@ -82,6 +82,28 @@ __all__ = [
 ]
 
 
+class _Early:
+    """A door run's report that came before its client's Submit (BrokerState._early)."""
+
+    __slots__ = ("entry", "frames", "run", "told", "when", "worker")
+
+    def __init__(
+        self,
+        worker: bytes,
+        entry: list[Any],
+        frames: Any,
+        run: int,
+        told: bool,
+        when: float,
+    ) -> None:
+        self.worker = worker
+        self.entry = entry
+        self.frames = frames
+        self.run = run
+        self.told = told  # its result went to the client
+        self.when = when
+
+
 class BrokerState(ClientSide, WorkerSide, Dispatch):
     """Scheduling state: tasks, workers, clients; see the module docstring."""
 
@@ -117,9 +139,9 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
         self._run_direct: dict[bytes, dict[bytes, list[list[Any]]]] = {}
         self._direct_runs = itertools.count(1)
         # Reports of tasks that clients sent workers themselves (TaskResults.door)
-        # that came before the client's Submit did: key -> (worker, result entry,
-        # its frames, the run told, when). Applied when the Submit comes.
-        self._early: dict[str, tuple[bytes, list[Any], Any, int | None, float]] = {}
+        # that came before the client's Submit did: key -> [_Early, ...]. Settled
+        # when a Submit of the key comes (applied if it names that worker and run).
+        self._early: dict[str, list[_Early]] = {}
         self._updates: dict[bytes, tuple[list[Any], P.FrameList]] = {}
         self._free: dict[bytes, list[str]] = {}
         self._free_urgent: set[bytes] = set()  # a large result among them
@@ -180,7 +202,8 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
                 "client %s missed its heartbeats; releasing its tasks", c.name
             )
             self.remove_client(c.ident)
-        if self._early:
+        if self._early and not self._insertions and not self._deferred:
+            # (A Submit held back behind a large insertion may still come.)
             self._expire_early(deadline)
         quiet = now - cfg.heartbeat_interval
         for w in self.workers.values():
@@ -272,19 +295,20 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
         frames_of = [_check_result(entry, payload) for entry in msg.results]
         told = None if msg.told is None else P.key_runs(msg.told, "told")
         untold = None if msg.untold is None else P.key_runs(msg.untold, "untold")
-        door = None
-        if msg.door is not None:
-            if not all(type(k) is str for k in msg.door):
-                raise P.ProtocolError("TaskResults.door: keys are strings")
-            door = set(msg.door)
+        door = None if msg.door is None else P.key_runs(msg.door, "door")
         tasks = self.tasks
         for entry, frames in zip(msg.results, frames_of, strict=True):
             key = entry[0]
-            if door is not None and key in door:
-                if key not in tasks and key not in w.zombies:
-                    # Before its client's Submit: applied when that comes.
-                    run = None if told is None else told.get(key)
-                    self._early[key] = (ident, entry, frames, run, self.now)
+            run = None if door is None else door.get(key)
+            if run is not None:
+                t = tasks.get(key)
+                if t is None:  # before its client's Submit: settled when it comes
+                    told_run = None if told is None else told.get(key)
+                    early = _Early(ident, entry, frames, run, told_run == run, self.now)
+                    self._early.setdefault(key, []).append(early)
+                    continue
+                if t.processing_on != ident or t.direct_run != run:
+                    self._not_this_run(w, t, entry)
                     continue
             self._apply_result(w, entry, frames, told)
         if untold:
@@ -321,11 +345,12 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
                     self._free_key(ident, key)
             return
         if status == "refused":
-            if t.direct_to is not None and t.direct_run == P.DOOR_RUN:
+            if t.direct_run < P.DOOR_RUN:
                 # Not idle after all: the broker places it.
                 w.processing.pop(key, None)
                 t.processing_on = None
                 t.direct_to = None
+                t.direct_run = 0
                 self._requeue(t, "refused by its worker")
             return
         w.processing.pop(key, None)
@@ -375,48 +400,70 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
                     self._lost(holder)
             self._requeue(t, f"missing dependency {text}")
 
-    def _assign_door(self, t: Task, w: Worker, client: bytes) -> None:
-        """A new task that ``client`` sent ``w`` itself (Submit.via): processing
-        there, its result going to the client straight from the worker."""
+    def _assign_door(self, t: Task, w: Worker, client: bytes, run: int) -> None:
+        """A new task that ``client`` sent ``w`` itself, numbered ``run``
+        (Submit.via): processing there, its result going to the client straight
+        from the worker."""
         t.waiting_on = 0
         self._transition(t, TaskState.READY, "submitted")
         self._transition(t, TaskState.PROCESSING, w.name)
-        w.zombies.discard(t.key)
         t.queued = 0
         t.processing_on = w.ident
         w.processing[t.key] = None
         t.direct_to = client
-        t.direct_run = P.DOOR_RUN
+        t.direct_run = run
 
-    def _apply_early(self, key: str) -> None:
-        """The report that came before its task's Submit, now that it has come."""
-        early = self._early.pop(key, None)
-        if early is None:
-            return
-        ident, entry, frames, run, _ = early
-        w = self.workers.get(ident)
-        if w is None:
-            return
-        self._apply_result(w, entry, frames, None if run is None else {key: run})
-        self._note_if_idle(w)
-        self._dirty = True
+    def _settle_early(self, key: str) -> None:
+        """Reports of ``key`` that came before a Submit of it, now that one came:
+        the one of the run it placed is applied, any other only freed."""
+        for early in self._early.pop(key, ()):
+            w = self.workers.get(early.worker)
+            if w is None:
+                continue
+            t = self.tasks.get(key)
+            if (
+                t is not None
+                and t.processing_on == w.ident
+                and t.direct_run == early.run
+            ):
+                told = {key: early.run} if early.told else None
+                self._apply_result(w, early.entry, early.frames, told)
+                self._note_if_idle(w)
+                self._dirty = True
+            else:
+                self._not_this_run(w, t, early.entry)
+
+    def _not_this_run(self, w: Worker, t: Task | None, entry: list[Any]) -> None:
+        """A door run's report that is not the task's current run (another client's
+        Submit of the key came first, say, or the task was placed again): its
+        result is not the broker's. The worker drops it, unless the broker counts
+        on it holding that key (the name is the same, so is the copy)."""
+        if entry[1] == "memory" and (t is None or w.ident not in t.who_has):
+            self._free_key(w.ident, entry[0])
 
     def _expire_early(self, deadline: float) -> None:
         """Reports whose Submit never came (its client died, or the submission was
         refused): the worker frees what it holds."""
-        for key, (ident, entry, _, _, when) in list(self._early.items()):
-            if when < deadline or ident not in self.workers:
+        for key, entries in list(self._early.items()):
+            kept = []
+            for early in entries:
+                w = self.workers.get(early.worker)
+                if early.when >= deadline and w is not None:
+                    kept.append(early)
+                elif w is not None:
+                    self._not_this_run(w, self.tasks.get(key), early.entry)
+            if kept:
+                self._early[key] = kept
+            else:
                 del self._early[key]
-                if entry[1] == "memory" and ident in self.workers:
-                    self._free_key(ident, key)
 
     def _send_untold(self, untold: dict[str, int]) -> None:
         """Results reported as told whose sending then failed: the broker tells their
         client after all, if the task is still that run's result and still wanted."""
         for key, run in untold.items():
-            early = self._early.get(key)
-            if early is not None and early[3] == run:  # not told after all
-                self._early[key] = (*early[:3], None, early[4])
+            for early in self._early.get(key, ()):
+                if early.run == run:  # not told after all
+                    early.told = False
             t = self.tasks.get(key)
             if (
                 t is not None
@@ -590,11 +637,7 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
             t = stack.pop()
             if t.wanted_by or t.n_active > 0 or tasks.get(t.key) is not t:
                 continue  # still needed (see _needed), or forgotten already
-            if (
-                t.state is TaskState.PROCESSING
-                and t.direct_run == P.DOOR_RUN
-                and t.direct_to is not None
-            ):
+            if t.state is TaskState.PROCESSING and t.direct_run < P.DOOR_RUN:
                 # A door task runs already (its worker took it idle), and its
                 # client, which has its result as a rule, releases it before the
                 # worker's report comes: that report finishes it (counted, in the

@@ -73,9 +73,9 @@ class Client:
         self._releases: dict[str, None] = {}  # keys to release, in order
         self._lock = threading.RLock()
         self._fn_cache: dict[Any, bytes] = {}
-        # The last task sent through a worker's door (submission.submit_call): one
-        # at a time, so a loop of submits without waiting goes by the broker.
-        self._door_task: FutureState | None = None
+        # The key of the last task sent through a worker's door
+        # (submission.submit_call): one at a time, while its future is held.
+        self._door_key: str | None = None
         self.cluster: Any = None
         self._owns_cluster = False
         self.status = "connecting"

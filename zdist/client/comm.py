@@ -171,6 +171,7 @@ class Connection:
         #: each door used lately (under _send_lock).
         self.door: tuple[str, str] | None = None
         self._doors: OrderedDict[str, zmq.Socket[Any]] = OrderedDict()
+        self._door_runs = itertools.count(P.DOOR_RUN - 1, -1)
         # Reading the receiving socket: the I/O thread, or a thread waiting on a
         # result (wait_for), one at a time and only while reading.
         self._rx_lock = threading.Lock()
@@ -262,6 +263,10 @@ class Connection:
         """A local worker's door (DirectResults.door), from the thread reading."""
         if self.direct is not None and is_ipc(door):
             self.door = (door, worker)
+
+    def next_door_run(self) -> int:
+        """A new run number for a door task (below DOOR_RUN, never reused)."""
+        return next(self._door_runs)
 
     def send_door(self, door: str, frames: list[Any]) -> bool:
         """Send a lone task (a RunTasks) through a worker's door; False if it cannot

@@ -60,6 +60,7 @@ def submit_call(
     """The task of ``Client.submit``: one Submit message."""
     fn = dumps_function(client, func)
     frames, deps = _dumps_args(func, (args, kwargs))
+    explicit_key = key is not None
     if key is None:
         key = (
             _make_key(func, fn, frames)
@@ -90,25 +91,38 @@ def submit_call(
     door = conn.door
     if (
         door is not None
+        and not explicit_key
         and not deps
         and not resources
         and entry[7] is None
         and not retries
         and not priority
-        and (client._door_task is None or client._door_task.done)
+        and _door_free(client)
+        and sum(len(f) for f in frames) + len(fn) <= P.INLINE_LIMIT
     ):
         # A lone task with nothing to wait for: straight to the idle worker that
         # last sent us a result (it refuses if busy), and the broker told (via).
-        run = P.RunTasks(
+        run = conn.next_door_run()
+        msg = P.RunTasks(
             [[key, entry[1], entry[2], [], None]],
             None,
-            [[conn.sock.identity, conn.direct, [[key, P.DOOR_RUN]]]],
+            [[conn.sock.identity, conn.direct, [[key, run]]]],
         )
-        if conn.send_door(door[0], P.encode(run, fl.frames)):
-            via = [[key, door[1]]]
-            client._door_task = future._state
+        if conn.send_door(door[0], P.encode(msg, fl.frames)):
+            via = [[key, door[1], run]]
+            client._door_key = key
     conn.send(P.Submit([entry], [key], None, via), fl.frames)
     return future
+
+
+def _door_free(client: Client) -> bool:
+    """No task of this client's is in flight through a door (one at a time: a loop
+    of submits without waiting goes by the broker, which spreads it)."""
+    key = client._door_key
+    if key is None:
+        return True
+    st = client._futures.get(key)
+    return st is None or st.done
 
 
 def submit_map(

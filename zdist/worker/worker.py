@@ -143,8 +143,9 @@ class Worker(PeerTransfer):
         # the keys of such tasks not reported yet (TaskResults.door).
         self.door: str | None = None
         self._door_sock: zmq.Socket[Any] | None = None
-        self._door_keys: set[str] = set()
-        self.door_taken = 0  # tasks clients sent through the door, run or refused
+        self._door_runs: dict[str, int] = {}  # key -> the client's run number
+        self._door_refused: list[list[Any]] = []  # [key, run] not reported yet
+        self.door_taken = 0  # tasks clients sent through the door and ran here
         self.door_refused = 0
         self._threads: list[threading.Thread] = []
         self._threads_lock = threading.Lock()
@@ -458,25 +459,41 @@ class Worker(PeerTransfer):
             or len(direct) != 1
             or type(direct[0]) is not list
             or len(direct[0]) != 3
-            or direct[0][2] != [[msg.tasks[0][0], P.DOOR_RUN]]
+            or type(direct[0][2]) is not list
+            or len(direct[0][2]) != 1
+            or type(direct[0][2][0]) is not list
+            or len(direct[0][2][0]) != 2
+            or direct[0][2][0][0] != msg.tasks[0][0]
+            or type(direct[0][2][0][1]) is not int
+            or direct[0][2][0][1] >= P.DOOR_RUN
         ):
-            raise P.ProtocolError("a door task is one task, no dependencies, run 0")
+            raise P.ProtocolError(
+                "a door task is one task, no dependencies, a door run"
+            )
         key = msg.tasks[0][0]
         if type(key) is not str:
             raise P.ProtocolError("task keys are strings")
-        self._door_keys.add(key)
+        P.ref_frames(payload, msg.tasks[0][1])  # checked whole before it is taken
+        P.ref_frames(payload, msg.tasks[0][2])
+        self._links.check(direct)
         if (
             self.tasks
             or self.status != "running"
             or self.paused
             or self._closing
             or key in self.data
+            or key in self._door_runs
         ):
-            self._results.append([key, "refused", 0, "", None, "", -1])
-            self.door_refused += 1
+            self._refuse_door(key, direct[0][2][0][1])
             return
+        self._door_runs[key] = direct[0][2][0][1]
         self.door_taken += 1
         self._on_run_tasks(msg, payload)
+
+    def _refuse_door(self, key: str, run: int) -> None:
+        self._results.append([key, "refused", 0, "", None, "", -1])
+        self._door_refused.append([key, run])
+        self.door_refused += 1
 
     def _handle_broker(self, msg: P.Message, payload: list[Any]) -> None:
         if isinstance(msg, P.RunTasks):
@@ -724,31 +741,34 @@ class Worker(PeerTransfer):
         self._result_frames = P.FrameList()
         groups = links.groups(results, frames) if links.pending else {}
         door = None
-        if self._door_keys:
-            door_keys = self._door_keys
-            door = [r[0] for r in results if r[0] in door_keys]
-            door_keys.difference_update(door)
+        if self._door_runs or self._door_refused:
+            door_runs = self._door_runs
+            door = [
+                [r[0], door_runs.pop(r[0])]
+                for r in results
+                if r[1] != "refused" and r[0] in door_runs
+            ]
+            door += self._door_refused
+            self._door_refused = []
         told: list[Any] = []
         untold: list[Any] = []
         if door:
             # Tasks a client sent us itself: its Submit may reach the broker after
-            # our report anyway, so the result goes first (the round trip's path).
-            for address, msg, runs in self._direct_messages(groups):
+            # our report anyway, so their results go first (the round trip's path).
+            first, groups = _split_door_runs(groups)
+            for address, msg, runs in self._direct_messages(first):
                 if links.send(address, msg, runs):
                     told.extend(runs)
-        else:
-            # Reported first, delivered second: once a client has its result, the
-            # broker knows of it too (a client asking the broker about its task
-            # right after must not find it still running). A result counts as told
-            # if its client's connection has worked; the few that then fail go in
-            # "untold".
-            up = {to[1] for to in groups if links.is_up(to[1])}
-            told = [run for to in groups if to[1] in up for run in groups[to][1]]
-        self._send(P.TaskResults(results, told or None, None, door), frames)
-        if not door:
-            for address, msg, runs in self._direct_messages(groups):
-                if not links.send(address, msg, runs) and address in up:
-                    untold.extend(runs)
+        # Reported first, delivered second: once a client has its result, the
+        # broker knows of it too (a client asking the broker about its task right
+        # after must not find it still running). A result counts as told if its
+        # client's connection has worked; the few that then fail go in "untold".
+        up = {to[1] for to in groups if links.is_up(to[1])}
+        told.extend(run for to in groups if to[1] in up for run in groups[to][1])
+        self._send(P.TaskResults(results, told or None, None, door or None), frames)
+        for address, msg, runs in self._direct_messages(groups):
+            if not links.send(address, msg, runs) and address in up:
+                untold.extend(runs)
         untold.extend(links.take_dropped())
         if untold:
             self._send(P.TaskResults([], None, untold))
@@ -807,6 +827,10 @@ class Worker(PeerTransfer):
             return
         if self.status == "running":
             queued = self._withdraw(list(self.tasks), report=False)
+            for key in queued:  # a door task: the broker may not know it yet
+                run = self._door_runs.pop(key, None)
+                if run is not None:
+                    self._refuse_door(key, run)
             self.flush_results()
             self._send(P.WorkerStatus("closing", queued))
             self.status = "closing"
@@ -900,3 +924,29 @@ class Worker(PeerTransfer):
         return (
             f"<zdist.Worker {self.name!r} at {self.address}, {self.nthreads} threads>"
         )
+
+
+def _split_door_runs(
+    groups: dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]],
+) -> tuple[
+    dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]],
+    dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]],
+]:
+    """ClientLinks.groups split into door runs (numbered below DOOR_RUN) and the
+    broker's: (door, broker)."""
+    door: dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]] = {}
+    rest: dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]] = {}
+    for to, (updates, runs, fl) in groups.items():
+        if all(run < P.DOOR_RUN for _, run in runs):
+            door[to] = (updates, runs, fl)
+        elif any(run < P.DOOR_RUN for _, run in runs):
+            # Both kinds for one client (rare): the frames are shared, the
+            # messages split by run.
+            for i, (key, run) in enumerate(runs):
+                into = door if run < P.DOOR_RUN else rest
+                got = into.setdefault(to, ([], [], fl))
+                got[0].append(updates[i])
+                got[1].append([key, run])
+        else:
+            rest[to] = (updates, runs, fl)
+    return door, rest
