@@ -63,15 +63,8 @@ class ClientLinks:
         self.sent = 0  # messages handed to a client connection
         self.missed = 0  # results that went by the broker instead
 
-    def check(self, direct: list[Any]) -> None:
-        """Raise ProtocolError unless RunTasks.direct is well formed."""
-        self._parse(direct)
-
     def note(self, direct: list[Any]) -> None:
         """Remember RunTasks.direct (checked whole before any of it is kept)."""
-        self.pending.update(self._parse(direct))
-
-    def _parse(self, direct: list[Any]) -> dict[str, tuple[bytes, str, int]]:
         noted = {}
         for entry in direct:
             if (
@@ -84,7 +77,7 @@ class ClientLinks:
                 raise P.ProtocolError(f"malformed RunTasks.direct entry {entry!r}")
             for key, run in P.key_runs(entry[2], "RunTasks.direct").items():
                 noted[key] = (entry[0], entry[1], run)
-        return noted
+        self.pending.update(noted)
 
     def forget(self, keys: Any) -> None:
         """Keys freed or taken back: whatever they produce goes by the broker."""

@@ -459,6 +459,8 @@ class Worker(PeerTransfer):
             or len(direct) != 1
             or type(direct[0]) is not list
             or len(direct[0]) != 3
+            or type(direct[0][0]) is not bytes
+            or type(direct[0][1]) is not str
             or type(direct[0][2]) is not list
             or len(direct[0][2]) != 1
             or type(direct[0][2][0]) is not list
@@ -475,7 +477,6 @@ class Worker(PeerTransfer):
             raise P.ProtocolError("task keys are strings")
         P.ref_frames(payload, msg.tasks[0][1])  # checked whole before it is taken
         P.ref_frames(payload, msg.tasks[0][2])
-        self._links.check(direct)
         if (
             self.tasks
             or self.status != "running"
