@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -37,27 +38,25 @@ def _client_socket(ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
     return s
 
 
-def _broker(address: str, bound: Any) -> None:
+def _listen(address: str, bound: Any) -> tuple[zmq.Context[Any], zmq.Socket[Any]]:
+    """A ROUTER bound at ``address``; ``bound`` is set once it listens."""
     ctx: zmq.Context[Any] = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.linger = 0
     router.bind(address)
     bound.set()
+    return ctx, router
+
+
+def _broker(address: str, bound: Any) -> None:
+    ctx, router = _listen(address, bound)
     peers: dict[bytes, bytes] = {}
     while len(peers) < 2:
         ident, role = router.recv_multipart()
         peers[role] = ident
     client, worker = peers[b"client"], peers[b"worker"]
     router.send_multipart([client, b"ready"])
-    poller = zmq.Poller()
-    poller.register(router, zmq.POLLIN)
-    while True:
-        poller.poll(250)
-        ident, body = router.recv_multipart()
-        if body == QUIT:
-            router.send_multipart([worker, QUIT])
-            break
-        router.send_multipart([worker if ident == client else client, body])
+    _relay(router, lambda ident, body: worker if ident == client else client)
     router.close()
     ctx.term()
 
@@ -79,20 +78,25 @@ def _worker(address: str) -> None:
     ctx.term()
 
 
-def _door(address: str, bound: Any) -> None:
-    ctx: zmq.Context[Any] = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.linger = 0
-    router.bind(address)
-    bound.set()
+def _relay(router: zmq.Socket[Any], to: Callable[[bytes, bytes], bytes]) -> None:
+    """Pass each message on to ``to(sender, body)``, blocking in a poll between
+    messages as zdist's processes do; QUIT goes on too, and ends the loop."""
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
     while True:
         poller.poll(250)
         ident, body = router.recv_multipart()
+        router.send_multipart([to(ident, body), body])
         if body == QUIT:
             break
-        router.send_multipart([ident, b"ready" if body == b"client" else body])
+
+
+def _door(address: str, bound: Any) -> None:
+    """A worker's door: each message goes back to its sender (hops=2)."""
+    ctx, router = _listen(address, bound)
+    client, _ = router.recv_multipart()  # hello
+    router.send_multipart([client, b"ready"])
+    _relay(router, lambda ident, body: ident)
     router.close()
     ctx.term()
 
