@@ -82,6 +82,17 @@ __all__ = [
 ]
 
 
+class _Frees:
+    """Keys a worker is to drop, waiting to go (BrokerState._free_key)."""
+
+    __slots__ = ("keys", "since", "urgent")
+
+    def __init__(self, since: float) -> None:
+        self.keys: list[str] = []
+        self.since = since  # when the first was queued
+        self.urgent = False  # a large result among them: they go at once
+
+
 class _Early:
     """A door run's report that came before its client's Submit (BrokerState._early)."""
 
@@ -143,9 +154,7 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
         # when a Submit of the key comes (applied if it names that worker and run).
         self._early: dict[str, list[_Early]] = {}
         self._updates: dict[bytes, tuple[list[Any], P.FrameList]] = {}
-        self._free: dict[bytes, list[str]] = {}
-        self._free_urgent: set[bytes] = set()  # a large result among them
-        self._free_since: dict[bytes, float] = {}  # when the first was queued
+        self._free: dict[bytes, _Frees] = {}
         self.monitor = Monitor()
         self.transitions: deque[tuple[str, str, str]] = deque(
             maxlen=TRANSITION_LOG_LENGTH
@@ -239,10 +248,7 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
                     if rec is not None and rec.direct is not None:
                         to.append([c, rec.direct, runs])
             freeing = free.pop(ident, None)
-            if freeing is not None:
-                self._free_urgent.discard(ident)
-                self._free_since.pop(ident, None)
-            msg = P.RunTasks(tasks, freeing, to)
+            msg = P.RunTasks(tasks, None if freeing is None else freeing.keys, to)
             out.append((ident, msg, frames.frames))
         self._run_batches.clear()
         direct.clear()
@@ -381,8 +387,6 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
             else:
                 self.monitor.erred(key, t.group, w.name, duration, text, self.wall)
                 self._fail(t, frames, str(text))
-                if not self._needed(t):  # a door task released while it ran
-                    self._maybe_release(t)
         elif status == "missing":
             holder = self.tasks.get(text)
             if holder is not None:
@@ -527,7 +531,9 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
     def _fail(self, t: Task, frames: list[Any], text: str) -> None:
         """Err ``t`` and, transitively, everything waiting on it."""
         stack = [t]
-        orphans = []
+        # Nobody will ever release a failed task nobody needs (a door task released
+        # while it ran, say): it is forgotten now.
+        orphans = [] if self._needed(t) else [t]
         while stack:
             t = stack.pop()
             if t.state is TaskState.ERRED:
@@ -687,34 +693,26 @@ class BrokerState(ClientSide, WorkerSide, Dispatch):
     def _free_key(self, ident: bytes, key: str, urgent: bool = True) -> None:
         """Tell a worker to drop a result; batched per worker until flush(), and
         while not ``urgent`` (a small result) until due (FREE_BATCH)."""
-        keys = self._free.get(ident)
-        if keys is None:
-            keys = self._free[ident] = []
-            self._free_since[ident] = self.now
-        keys.append(key)
+        pending = self._free.get(ident)
+        if pending is None:
+            pending = self._free[ident] = _Frees(self.now)
+        pending.keys.append(key)
         if urgent:
-            self._free_urgent.add(ident)
+            pending.urgent = True
 
     def _flush_frees(self, out: list[Out]) -> None:
-        free = self._free
-        urgent = self._free_urgent
-        since = self._free_since
         due = self.now - FREE_DELAY
         workers = self.workers
-        for ident in list(free):
-            keys = free[ident]
-            if (
-                ident in workers
-                and ident not in urgent
-                and len(keys) < FREE_BATCH
-                and since[ident] > due
+        for ident, pending in list(self._free.items()):
+            if ident in workers and not (
+                pending.urgent
+                or len(pending.keys) >= FREE_BATCH
+                or pending.since <= due
             ):
                 continue
-            del free[ident]
-            urgent.discard(ident)
-            del since[ident]
+            del self._free[ident]
             if ident in workers:
-                out.append((ident, P.FreeKeys(keys), []))
+                out.append((ident, P.FreeKeys(pending.keys), []))
 
     def _update(
         self, client: bytes, key: str, status: str, frames: list[Any] | None, text: str

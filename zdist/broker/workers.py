@@ -103,8 +103,6 @@ class WorkerSide(StateMixin):
         self._queued_on.discard(w)
         # Frees queued for it are moot (a session registering again is told anew).
         self._free.pop(ident, None)
-        self._free_urgent.discard(ident)
-        self._free_since.pop(ident, None)
         if not planned:
             self.counters["workers_lost"] += 1
         # Only the tasks that were running can have killed it: a worker runs its tasks
@@ -122,8 +120,6 @@ class WorkerSide(StateMixin):
                 if t.suspicious > self.config.allowed_failures:
                     exc = KilledWorker(key, w.address, t.failed_on)
                     self._fail(t, [pickle.dumps(exc)], f"KilledWorker: {exc}")
-                    if not self._needed(t):  # a door task released while it ran
-                        self._maybe_release(t)
                     continue
             self._requeue(t, "worker left")
         for key in w.data:
