@@ -19,6 +19,7 @@ their order is kept.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -236,7 +237,7 @@ class Connection:
         try:
             if released and submit is not None:
                 # One message, not two, on the path of every submit(...).result().
-                carrying = P.Submit(submit.tasks, submit.wants, released, submit.via)
+                carrying = dataclasses.replace(submit, release=released)
                 frames = P.encode(carrying, payload)
                 carried, released = released, []
             else:
@@ -251,9 +252,7 @@ class Connection:
             if carried and submit is not None:
                 kept = self._unwanted(carried)
                 if len(kept) != len(carried):  # wanted again since taken (rare)
-                    again = P.Submit(
-                        submit.tasks, submit.wants, kept or None, submit.via
-                    )
+                    again = dataclasses.replace(submit, release=kept or None)
                     frames[0] = P.encode(again)[0]
             self._send_releases_locked(released)
             send_frames(self.out, frames)
