@@ -26,20 +26,15 @@ import zmq
 from zdist import protocol as P
 from zdist import serialize
 from zdist._version import versions
-from zdist.errors import ZdistError
 from zdist.keys import key_group
-from zdist.localsocket import (
-    bind_local_socket,
-    check_local_socket,
-    remove_socket,
-    user_socket_dir,
-)
+from zdist.localsocket import check_local_socket
 from zdist.logs import RateLimitedLog, log_buffer
 from zdist.net import interface_ip, is_ipc, local_ip_towards, split_address
 from zdist.security import Security
 from zdist.wire import recv_ready, send_frames
 from zdist.worker import context
 from zdist.worker.direct import ClientLinks
+from zdist.worker.door import Door
 from zdist.worker.execute import FunctionCache, Outcome, run_task
 from zdist.worker.memory import SpillBuffer, process_memory
 from zdist.worker.scratch import Janitor, make_local_directory
@@ -92,7 +87,7 @@ class _Task:
         self.has_deps = False
 
 
-class Worker(PeerTransfer):
+class Worker(PeerTransfer, Door):
     def __init__(
         self, config: WorkerConfig, ctx: zmq.Context[Any] | None = None
     ) -> None:
@@ -139,14 +134,7 @@ class Worker(PeerTransfer):
         self._results: list[Any] = []
         self._result_frames = P.FrameList()
         self._links = ClientLinks(self.ctx)  # results straight to clients
-        # Where local clients send a lone task themselves (DirectResults.door), and
-        # the keys of such tasks not reported yet (TaskResults.door).
-        self.door: str | None = None
-        self._door_sock: zmq.Socket[Any] | None = None
-        self._door_runs: dict[str, int] = {}  # key -> the client's run number
-        self._door_refused: list[list[Any]] = []  # [key, run] not reported yet
-        self.door_taken = 0  # tasks clients sent through the door and ran here
-        self.door_refused = 0
+        self._init_door()  # lone tasks straight from local clients
         self._threads: list[threading.Thread] = []
         self._threads_lock = threading.Lock()
         self._active_threads = 0
@@ -214,7 +202,7 @@ class Worker(PeerTransfer):
                 if self.data_sock in events:
                     self.serve_peers()
                 if door is not None and door in events:
-                    self.serve_door(door)
+                    self.serve_door()
                 for peer in self._peers.values():
                     if peer in events:
                         self.receive_from_peer(peer)
@@ -399,102 +387,6 @@ class Worker(PeerTransfer):
             type(exc).__name__,
             exc,
         )
-
-    # ==================================================================================
-    # the door: lone tasks straight from clients on this host
-
-    def _open_door(self) -> zmq.Socket[Any] | None:
-        """Listen for local clients' lone tasks on a Unix socket in this user's
-        private directory, if the broker is on this host too (we reach it on one)."""
-        if not is_ipc(self.broker_address):
-            return None
-        directory = user_socket_dir()
-        if directory is None:
-            return None
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.linger = 0
-        try:
-            # Only this user can reach that directory; with security on, the ZAP
-            # handler also checks each peer's user id (zdist.localsocket).
-            self.door = bind_local_socket(
-                sock,
-                os.path.join(directory, f"{uuid.uuid4().hex}.sock"),
-                zap=self._auth is not None,
-            )
-        except (OSError, zmq.ZMQError, ZdistError) as exc:
-            logger.info(
-                "worker %s takes tasks from the broker only: %s", self.name, exc
-            )
-            sock.close(linger=0)
-            return None
-        self._door_sock = sock
-        return sock
-
-    def serve_door(self, sock: zmq.Socket[Any]) -> None:
-        while True:
-            frames = recv_ready(sock)
-            if frames is None:
-                return
-            try:
-                msg, payload = P.decode(frames[1:])
-                self._on_door_task(msg, payload)
-            except Exception as exc:
-                self._drop("a task from a client", exc)
-
-    def _on_door_task(self, msg: P.Message, payload: list[Any]) -> None:
-        """A client's lone task (DirectResults.door): run it if idle, else refuse it
-        to the broker, which the client told (Submit.via) and which then places it."""
-        if type(msg) is not P.RunTasks:
-            raise P.ProtocolError(f"{type(msg).__name__} through a worker's door")
-        direct = msg.direct
-        if (
-            len(msg.tasks) != 1
-            or msg.free
-            or type(msg.tasks[0]) is not list
-            or len(msg.tasks[0]) != 5
-            or msg.tasks[0][1] is None
-            or msg.tasks[0][3] != []
-            or msg.tasks[0][4] is not None
-            or type(direct) is not list
-            or len(direct) != 1
-            or type(direct[0]) is not list
-            or len(direct[0]) != 3
-            or type(direct[0][0]) is not bytes
-            or type(direct[0][1]) is not str
-            or type(direct[0][2]) is not list
-            or len(direct[0][2]) != 1
-            or type(direct[0][2][0]) is not list
-            or len(direct[0][2][0]) != 2
-            or direct[0][2][0][0] != msg.tasks[0][0]
-            or type(direct[0][2][0][1]) is not int
-            or direct[0][2][0][1] >= P.DOOR_RUN
-        ):
-            raise P.ProtocolError(
-                "a door task is one task, no dependencies, a door run"
-            )
-        key = msg.tasks[0][0]
-        if type(key) is not str:
-            raise P.ProtocolError("task keys are strings")
-        P.ref_frames(payload, msg.tasks[0][1])  # checked whole before it is taken
-        P.ref_frames(payload, msg.tasks[0][2])
-        if (
-            self.tasks
-            or self.status != "running"
-            or self.paused
-            or self._closing
-            or key in self.data
-            or key in self._door_runs
-        ):
-            self._refuse_door(key, direct[0][2][0][1])
-            return
-        self._door_runs[key] = direct[0][2][0][1]
-        self.door_taken += 1
-        self._on_run_tasks(msg, payload)
-
-    def _refuse_door(self, key: str, run: int) -> None:
-        self._results.append([key, "refused", 0, "", None, "", -1])
-        self._door_refused.append([key, run])
-        self.door_refused += 1
 
     def _handle_broker(self, msg: P.Message, payload: list[Any]) -> None:
         if isinstance(msg, P.RunTasks):
@@ -740,33 +632,25 @@ class Worker(PeerTransfer):
         results, frames = self._results, self._result_frames.frames
         self._results = []
         self._result_frames = P.FrameList()
-        groups = links.groups(results, frames) if links.pending else {}
-        door = None
-        if self._door_runs or self._door_refused:
-            door_runs = self._door_runs
-            door = [
-                [r[0], door_runs.pop(r[0])]
-                for r in results
-                if r[1] != "refused" and r[0] in door_runs
-            ]
-            door += self._door_refused
-            self._door_refused = []
+        door, first, rest = self._take_door_results(results)
         told: list[Any] = []
         untold: list[Any] = []
-        if door:
+        if first:
             # Tasks a client sent us itself: its Submit may reach the broker after
             # our report anyway, so their results go first (the round trip's path).
-            first, groups = _split_door_runs(groups)
-            for address, msg, runs in self._direct_messages(first):
+            for address, msg, runs in self._direct_messages(
+                links.groups(first, frames)
+            ):
                 if links.send(address, msg, runs):
                     told.extend(runs)
+        groups = links.groups(rest, frames) if links.pending else {}
         # Reported first, delivered second: once a client has its result, the
         # broker knows of it too (a client asking the broker about its task right
         # after must not find it still running). A result counts as told if its
         # client's connection has worked; the few that then fail go in "untold".
         up = {to[1] for to in groups if links.is_up(to[1])}
         told.extend(run for to in groups if to[1] in up for run in groups[to][1])
-        self._send(P.TaskResults(results, told or None, None, door or None), frames)
+        self._send(P.TaskResults(results, told or None, None, door), frames)
         for address, msg, runs in self._direct_messages(groups):
             if not links.send(address, msg, runs) and address in up:
                 untold.extend(runs)
@@ -828,10 +712,7 @@ class Worker(PeerTransfer):
             return
         if self.status == "running":
             queued = self._withdraw(list(self.tasks), report=False)
-            for key in queued:  # a door task: the broker may not know it yet
-                run = self._door_runs.pop(key, None)
-                if run is not None:
-                    self._refuse_door(key, run)
+            self._refuse_queued_door_tasks(queued)
             self.flush_results()
             self._send(P.WorkerStatus("closing", queued))
             self.status = "closing"
@@ -893,10 +774,7 @@ class Worker(PeerTransfer):
             self.broker.close(linger=0)
         self._links.close()
         self.data_sock.close(linger=0)
-        if self._door_sock is not None:
-            self._door_sock.close(linger=0)
-            if self.door is not None:
-                remove_socket(self.door)
+        self._close_door()
         if self._auth is not None:
             self._auth.stop()
         if self._own_ctx:
@@ -925,29 +803,3 @@ class Worker(PeerTransfer):
         return (
             f"<zdist.Worker {self.name!r} at {self.address}, {self.nthreads} threads>"
         )
-
-
-def _split_door_runs(
-    groups: dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]],
-) -> tuple[
-    dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]],
-    dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]],
-]:
-    """ClientLinks.groups split into door runs (numbered below DOOR_RUN) and the
-    broker's: (door, broker)."""
-    door: dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]] = {}
-    rest: dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]] = {}
-    for to, (updates, runs, fl) in groups.items():
-        if all(run < P.DOOR_RUN for _, run in runs):
-            door[to] = (updates, runs, fl)
-        elif any(run < P.DOOR_RUN for _, run in runs):
-            # Both kinds for one client (rare): the frames are shared, the
-            # messages split by run.
-            for i, (key, run) in enumerate(runs):
-                into = door if run < P.DOOR_RUN else rest
-                got = into.setdefault(to, ([], [], fl))
-                got[0].append(updates[i])
-                got[1].append([key, run])
-        else:
-            rest[to] = (updates, runs, fl)
-    return door, rest

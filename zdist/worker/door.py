@@ -1,0 +1,190 @@
+"""The worker's door: lone tasks that clients on this host send it themselves. A
+mixin of :class:`~zdist.worker.worker.Worker`, run by its I/O loop like the rest.
+
+A worker that reaches its broker over a Unix socket also listens on one of its own,
+in its user's private directory (zdist.localsocket), and names it in the results it
+sends clients straight (DirectResults.door). A client sends a lone task there (a
+RunTasks naming itself in ``direct``, numbered below DOOR_RUN by the client) and
+tells the broker (Submit.via). The worker runs it if idle, else refuses it, and
+reports either with its number (TaskResults.door): the broker may hear of it from
+the worker before it hears from the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from zdist import protocol as P
+from zdist.errors import ZdistError
+from zdist.localsocket import bind_local_socket, remove_socket, user_socket_dir
+from zdist.net import is_ipc
+from zdist.wire import recv_ready
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from zdist.worker.memory import SpillBuffer
+    from zdist.worker.worker import _Task
+
+logger = logging.getLogger(__name__)
+
+
+class Door:
+    """The part of the Worker that local clients send lone tasks to."""
+
+    # The Worker's own attributes that these methods use (set in Worker.__init__).
+    name: str
+    ctx: zmq.Context[Any]
+    broker_address: str
+    status: str
+    paused: bool
+    _closing: bool
+    _auth: Any
+    data: SpillBuffer
+    tasks: dict[str, _Task]
+    _results: list[Any]
+    _drop: Callable[[str, Exception], None]
+    _on_run_tasks: Callable[[P.RunTasks, list[Any]], None]
+
+    def _init_door(self) -> None:
+        self.door: str | None = None  # its address, once open
+        self._door_sock: zmq.Socket[Any] | None = None
+        self._door_runs: dict[str, int] = {}  # key -> the client's run number
+        self._door_refused: list[list[Any]] = []  # [key, run] not reported yet
+        self.door_taken = 0  # tasks clients sent through the door and ran here
+        self.door_refused = 0
+
+    def _open_door(self) -> zmq.Socket[Any] | None:
+        """Listen for local clients' lone tasks on a Unix socket in this user's
+        private directory, if the broker is on this host too (we reach it on one)."""
+        if not is_ipc(self.broker_address):
+            return None
+        directory = user_socket_dir()
+        if directory is None:
+            return None
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        try:
+            # Only this user can reach that directory; with security on, the ZAP
+            # handler also checks each peer's user id (zdist.localsocket).
+            self.door = bind_local_socket(
+                sock,
+                os.path.join(directory, f"{uuid.uuid4().hex}.sock"),
+                zap=self._auth is not None,
+            )
+        except (OSError, zmq.ZMQError, ZdistError) as exc:
+            logger.info(
+                "worker %s takes tasks from the broker only: %s", self.name, exc
+            )
+            sock.close(linger=0)
+            return None
+        self._door_sock = sock
+        return sock
+
+    def _close_door(self) -> None:
+        if self._door_sock is not None:
+            self._door_sock.close(linger=0)
+            if self.door is not None:
+                remove_socket(self.door)
+
+    def serve_door(self) -> None:
+        sock = self._door_sock
+        assert sock is not None
+        while True:
+            frames = recv_ready(sock)
+            if frames is None:
+                return
+            try:
+                msg, payload = P.decode(frames[1:])
+                self._on_door_task(msg, payload)
+            except Exception as exc:
+                self._drop("a task from a client", exc)
+
+    def _on_door_task(self, msg: P.Message, payload: list[Any]) -> None:
+        """A client's lone task (DirectResults.door): run it if idle, else refuse it
+        to the broker, which the client told (Submit.via) and which then places it."""
+        if type(msg) is not P.RunTasks:
+            raise P.ProtocolError(f"{type(msg).__name__} through a worker's door")
+        direct = msg.direct
+        if (
+            len(msg.tasks) != 1
+            or msg.free
+            or type(msg.tasks[0]) is not list
+            or len(msg.tasks[0]) != 5
+            or msg.tasks[0][1] is None
+            or msg.tasks[0][3] != []
+            or msg.tasks[0][4] is not None
+            or type(direct) is not list
+            or len(direct) != 1
+            or type(direct[0]) is not list
+            or len(direct[0]) != 3
+            or type(direct[0][0]) is not bytes
+            or type(direct[0][1]) is not str
+            or type(direct[0][2]) is not list
+            or len(direct[0][2]) != 1
+            or type(direct[0][2][0]) is not list
+            or len(direct[0][2][0]) != 2
+            or direct[0][2][0][0] != msg.tasks[0][0]
+            or type(direct[0][2][0][1]) is not int
+            or direct[0][2][0][1] >= P.DOOR_RUN
+        ):
+            raise P.ProtocolError(
+                "a door task is one task, no dependencies, a door run"
+            )
+        key = msg.tasks[0][0]
+        if type(key) is not str:
+            raise P.ProtocolError("task keys are strings")
+        P.ref_frames(payload, msg.tasks[0][1])  # checked whole before it is taken
+        P.ref_frames(payload, msg.tasks[0][2])
+        run = direct[0][2][0][1]
+        if (
+            self.tasks
+            or self.status != "running"
+            or self.paused
+            or self._closing
+            or key in self.data
+            or key in self._door_runs
+        ):
+            self._refuse_door(key, run)
+            return
+        self._door_runs[key] = run
+        self.door_taken += 1
+        self._on_run_tasks(msg, payload)
+
+    def _refuse_door(self, key: str, run: int) -> None:
+        self._results.append([key, "refused", 0, "", None, "", -1])
+        self._door_refused.append([key, run])
+        self.door_refused += 1
+
+    def _refuse_queued_door_tasks(self, keys: list[str]) -> None:
+        """Queued tasks handed back at close: a door task the broker may not know
+        yet is reported refused, which its early-report stash takes."""
+        for key in keys:
+            run = self._door_runs.pop(key, None)
+            if run is not None:
+                self._refuse_door(key, run)
+
+    def _take_door_results(
+        self, results: list[Any]
+    ) -> tuple[list[Any] | None, list[Any], list[Any]]:
+        """A batch of results split for flushing: (TaskResults.door, the results
+        of door runs, which go to their clients before the report, the rest)."""
+        if not self._door_runs and not self._door_refused:
+            return None, [], results
+        runs = self._door_runs
+        door = [
+            [r[0], runs.pop(r[0])]
+            for r in results
+            if r[1] != "refused" and r[0] in runs
+        ]
+        ran = {key for key, _ in door}
+        first = [r for r in results if r[0] in ran]
+        rest = [r for r in results if r[0] not in ran] if ran else results
+        door += self._door_refused
+        self._door_refused = []
+        return door or None, first, rest
