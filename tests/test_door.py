@@ -13,8 +13,9 @@ client's Submit does; the broker keeps it until then.
 
 from __future__ import annotations
 
-import itertools
 import os
+import select
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -30,11 +31,12 @@ from test_broker_state import Sim, T, check_invariants, freed, run_keys, sent, u
 from test_worker_protocol import ScriptedBroker
 from utils import wait_for
 
-from zdist import Client, LocalCluster, get_worker, serialize
+from zdist import Client, LocalCluster, datagram, get_worker, serialize
 from zdist import protocol as P
 from zdist.broker.state import FREE_DELAY
+from zdist.client.comm import MAX_DOORS
 from zdist.localsocket import bind_local_socket, remove_socket, user_socket_dir
-from zdist.wire import recv_frames, send_frames
+from zdist.wire import recv_frames
 from zdist.worker.worker import Worker, WorkerConfig
 
 pytestmark = pytest.mark.timeout(120)
@@ -406,8 +408,8 @@ class _LocalScriptedBroker(ScriptedBroker):
 
 
 class _FakeClient:
-    """A client's direct listener (a DEALER on a Unix socket of ours) and a socket
-    to a worker's door."""
+    """A client's direct listener (a DEALER on a Unix socket of ours: results too
+    large for the door come there) and a connection to a worker's door."""
 
     def __init__(self) -> None:
         self.ctx: zmq.Context[Any] = zmq.Context()
@@ -418,9 +420,16 @@ class _FakeClient:
         self.address = bind_local_socket(
             self.sock, os.path.join(directory, f"test-{os.getpid()}-c.sock"), zap=False
         )
-        self.door = self.ctx.socket(zmq.DEALER)
-        self.door.linger = 0
+        self.door: socket.socket | None = None
+        self.reader = datagram.Reader()
         self.run = RUN
+
+    def connect(self, door: str) -> None:
+        self.door = datagram.connect(door[len("ipc://") :])
+
+    def send(self, frames: list[Any]) -> None:
+        assert self.door is not None
+        assert datagram.send(self.door, frames)
 
     def send_task(self, key: str, fn: Any, *args: Any) -> None:
         fl = P.FrameList()
@@ -432,17 +441,31 @@ class _FakeClient:
             [[b"c1", self.address, [[key, self.run]]]],
         )
         self.run -= 1
-        send_frames(self.door, P.encode(msg, fl.frames))
+        self.send(P.encode(msg, fl.frames))
 
     def result(self) -> tuple[P.DirectResults, list[Any]]:
-        assert self.sock.poll(30_000), "no DirectResults from the worker"
+        """The next result back through the door."""
+        assert self.door is not None
+        poller = select.poll()
+        poller.register(self.door.fileno(), select.POLLIN)
+        assert poller.poll(30_000), "no DirectResults from the worker's door"
+        frames = self.reader.recv(self.door)
+        assert frames is not None
+        msg, payload = P.decode(frames)
+        assert isinstance(msg, P.DirectResults)
+        return msg, payload
+
+    def linked_result(self) -> tuple[P.DirectResults, list[Any]]:
+        """The next result by the worker's ZeroMQ link to us."""
+        assert self.sock.poll(30_000), "no DirectResults from the worker's link"
         msg, payload = P.decode(recv_frames(self.sock))
         assert isinstance(msg, P.DirectResults)
         return msg, payload
 
     def close(self) -> None:
         self.sock.close(linger=0)
-        self.door.close(linger=0)
+        if self.door is not None:
+            self.door.close()
         self.ctx.term()
         remove_socket(self.address)
 
@@ -460,7 +483,7 @@ def _door_worker() -> Iterator[tuple[ScriptedBroker, Worker, _FakeClient]]:
         broker.welcome()
         wait_for(lambda: worker.door is not None, what="the worker's door")
         assert worker.door is not None
-        client.door.connect(worker.door)
+        client.connect(worker.door)
         yield broker, worker, client
     finally:
         worker.stop()
@@ -480,30 +503,43 @@ def _report(broker: ScriptedBroker) -> P.TaskResults:
 
 def test_an_idle_worker_runs_a_door_task_and_sends_the_client_the_result() -> None:
     with _door_worker() as (broker, worker, client):
-        # Until the worker's link to us is up, results are left to the broker (not
-        # "told"); each round is one door task, and the loop waits for a told one.
-        deadline = time.monotonic() + 30
-        for i in itertools.count():
+        for i in range(3):
             key, run = f"k{i}", client.run
             client.send_task(key, tasks.inc, i)
+            # The result comes back on the door's connection, before the report.
+            msg, payload = client.result()
+            assert [u[0] for u in msg.updates] == [key]
+            assert msg.updates[0][1] == "finished"
+            assert serialize.loads(P.ref_frames(payload, msg.updates[0][2])) == i + 1
+            assert msg.door == worker.door
+            assert msg.worker == worker._ident.decode()
             report = _report(broker)
             assert [(r[0], r[1]) for r in report.results] == [(key, "memory")]
             assert report.door == [[key, run]]
-            if report.told:
-                break
-            assert time.monotonic() < deadline, "the worker never linked to us"
-            time.sleep(0.01)  # a poll interval: the link connects meanwhile
-        assert report.told == [[key, run]]
-        while True:
-            msg, payload = client.result()
-            keys = [u[0] for u in msg.updates]
-            if key in keys:
-                break
-        ref = msg.updates[keys.index(key)][2]
-        assert serialize.loads(P.ref_frames(payload, ref)) == i + 1
-        assert msg.door == worker.door
-        assert msg.worker == worker._ident.decode()
-        assert worker.door_taken == i + 1 and worker.door_refused == 0
+            assert report.told == [[key, run]]
+        assert worker.door_taken == 3 and worker.door_sent == 3
+        assert worker.door_refused == 0
+
+
+def test_a_result_for_a_client_that_closed_its_door_connection_goes_by_the_link(
+    tmp_path: Path,
+) -> None:
+    gate = tmp_path / "gate"
+    with _door_worker() as (broker, worker, client):
+        client.send_task("a", tasks.wait_for_path, str(gate))
+        wait_for(lambda: "a" in worker._executing, what="the door task to start")
+        assert client.door is not None
+        client.door.close()
+        client.door = None
+        wait_for(lambda: not worker._door_conns, what="the worker to see it closed")
+        gate.touch()
+        report = _report(broker)
+        assert [(r[0], r[1]) for r in report.results] == [("a", "memory")]
+        assert report.door is not None and report.door[0][0] == "a"
+        assert worker.door_sent == 0
+        if report.told:  # the worker's link to us was up: it came that way
+            msg, _ = client.linked_result()
+            assert [u[0] for u in msg.updates] == ["a"]
 
 
 def test_a_busy_worker_refuses_a_door_task(tmp_path: Path) -> None:
@@ -528,22 +564,22 @@ def test_a_busy_worker_refuses_a_door_task(tmp_path: Path) -> None:
 
 def test_a_malformed_door_message_is_dropped_and_the_door_still_serves() -> None:
     with _door_worker() as (broker, worker, client):
-        send_frames(client.door, [b"junk"])
-        send_frames(client.door, P.encode(P.FreeKeys(["x"])))
+        client.send([b"junk"])
+        client.send(P.encode(P.FreeKeys(["x"])))
         fl = P.FrameList()
         bad = P.RunTasks(
             [["a", fl.add([b"fn"]), fl.add([b"args"]), [["dep", ""]], None]],
             None,
             [[b"c1", client.address, [["a", RUN]]]],
         )
-        send_frames(client.door, P.encode(bad, fl.frames))  # has a dependency
+        client.send(P.encode(bad, fl.frames))  # has a dependency
         fl = P.FrameList()
         broker_run = P.RunTasks(
             [["a", fl.add([b"fn"]), fl.add([b"args"]), [], None]],
             None,
             [[b"c1", client.address, [["a", 1]]]],
         )
-        send_frames(client.door, P.encode(broker_run, fl.frames))  # not a door run
+        client.send(P.encode(broker_run, fl.frames))  # not a door run
         wait_for(lambda: worker.dropped >= 4, what="four messages dropped")
         assert worker.door_taken == 0 and not worker.tasks
         client.send_task("b", tasks.inc, 2)
@@ -606,10 +642,51 @@ def test_a_door_task_whose_worker_dies_runs_again_elsewhere(tmp_path: Path) -> N
         for i in range(10):
             c.submit(tasks.inc, i).result(timeout=30)
         assert c._conn.door is not None
+        assert c._conn.door is not None
+        conn = c._conn._doors[c._conn.door[0]]
         fut = c.submit(tasks.die_once, str(tmp_path / "died"), pure=False)
         assert c._door_key == fut.key  # it went through a door
         assert fut.result(timeout=90) == 42
         assert (tmp_path / "died").exists()
+        # The dead worker's connection is read to its end and no longer polled.
+        wait_for(lambda: conn not in c._conn._door_rx, what="the door dropped")
+        for i in range(5):
+            assert c.submit(tasks.inc, i).result(timeout=30) == i + 1
+
+
+def test_a_client_keeps_connections_to_the_latest_doors_only() -> None:
+    directory = user_socket_dir()
+    assert directory is not None
+    listeners = []
+    with (
+        LocalCluster(n_workers=1, dashboard_address=None) as cluster,
+        Client(cluster, set_as_default=False) as c,
+    ):
+        try:
+            conn = c._conn
+            for i in range(MAX_DOORS + 2):
+                path = os.path.join(directory, f"test-{os.getpid()}-door{i}.sock")
+                listeners.append((path, datagram.listen(path)))
+                assert conn.send_door(f"ipc://{path}", [b"hello"])
+            assert len(conn._doors) == MAX_DOORS
+            assert len(conn._door_rx) == MAX_DOORS
+            assert set(conn._door_rx) == set(conn._doors.values())
+            assert not conn._door_dead  # the two oldest closed
+            for _path, listener in listeners[:2]:
+                peer = datagram.accept(listener)
+                assert peer is not None
+                reader = datagram.Reader()
+                assert reader.recv(peer) == [b"hello"]
+                with pytest.raises(EOFError):  # closed by the client
+                    reader.recv(peer)
+                peer.close()
+            # Round trips still go, through the worker's door.
+            for i in range(5):
+                assert c.submit(tasks.inc, i).result(timeout=30) == i + 1
+        finally:
+            for path, listener in listeners:
+                listener.close()
+                os.unlink(path)
 
 
 def test_a_future_argument_or_a_restriction_never_takes_the_door() -> None:
@@ -654,7 +731,7 @@ def test_a_door_path_that_is_not_ours_is_never_used(tmp_path: Path) -> None:
 
 def test_a_door_whose_worker_has_gone_leaves_tasks_to_the_broker() -> None:
     # A client with a door but no worker behind it: the task goes by the broker at
-    # once (a send without a connection fails) and nothing waits for the door.
+    # once (the connection fails), the door is forgotten, and nothing waits for it.
     with (
         LocalCluster(n_workers=1, dashboard_address=None) as cluster,
         Client(cluster, set_as_default=False) as c,
@@ -667,7 +744,7 @@ def test_a_door_whose_worker_has_gone_leaves_tasks_to_the_broker() -> None:
         c._conn.note_door = lambda door, worker: None  # type: ignore[method-assign]
         for i in range(5):
             assert c.submit(tasks.inc, i + 10).result(timeout=30) == i + 11
-            assert c._conn.door is not None and c._conn.door[0] == gone
+            assert c._conn.door is None and gone not in c._conn._doors
 
 
 def test_a_door_future_dropped_before_it_settles_does_not_close_the_door() -> None:

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import select
+import socket
 import threading
 import time
 import uuid
@@ -34,11 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from zdist import datagram
 from zdist import protocol as P
 from zdist.errors import CommClosedError, ZdistError
 from zdist.localsocket import (
     bind_local_socket,
     check_local_socket,
+    path_of,
     remove_socket,
     sweep_stale,
     user_socket_dir,
@@ -62,10 +65,8 @@ WAITER_TICK_MAX_MS = 250
 #: A waiting thread looks at its future at least this often (milliseconds), whatever
 #: happens to the socket.
 WAIT_RECHECK_MS = 1000
-#: Worker doors (DirectResults.door) a client keeps a socket to, the latest used.
+#: Worker doors (DirectResults.door) a client keeps a connection to, the latest used.
 MAX_DOORS = 8
-#: A door whose worker has gone is retried at most this often (milliseconds).
-DOOR_RECONNECT_MAX_MS = 5000
 
 
 class _Waker:
@@ -168,11 +169,22 @@ class Connection:
             security.configure_client(self.out)
         self._send_lock = threading.Lock()
         #: The door of the worker that last sent us results (DirectResults.door):
-        #: (its address, the worker's identity with the broker), and a socket to
-        #: each door used lately (under _send_lock).
+        #: (its address, the worker's identity with the broker), and a connection
+        #: to each door used lately (under _send_lock). The results of door tasks
+        #: come back on them: whoever reads the receiving socket reads these too,
+        #: from ``_door_rx`` (replaced whole, under _door_lock, when one is opened or
+        #: found closed; ``_door_gen`` counts the changes, for the pollers).
         self.door: tuple[str, str] | None = None
-        self._doors: OrderedDict[str, zmq.Socket[Any]] = OrderedDict()
+        self._doors: OrderedDict[str, socket.socket] = OrderedDict()
         self._door_runs = itertools.count(P.DOOR_RUN - 1, -1)
+        self._door_lock = threading.Lock()
+        self._door_rx: tuple[socket.socket, ...] = ()
+        self._door_gen = 0
+        self._door_dead: list[socket.socket] = []  # closed by the peer, to close here
+        self._door_reader = datagram.Reader()  # under _rx_lock
+        #: Threads waiting on a result (wait_for): woken when a door connection
+        #: opens, to poll it too. Under _waiters_lock.
+        self._waiting: set[_Waker] = set()
         # Reading the receiving socket: the I/O thread, or a thread waiting on a
         # result (wait_for), one at a time and only while reading.
         self._rx_lock = threading.Lock()
@@ -269,38 +281,76 @@ class Connection:
 
     def send_door(self, door: str, frames: list[Any]) -> bool:
         """Send a lone task (a RunTasks) through a worker's door; False if it cannot
-        go now (no connection yet, or the worker has gone): it then goes by the
+        go now (the worker has gone, or its queue is full): it then goes by the
         broker alone."""
         with self._send_lock:
             if self.out.closed:
                 return False
-            sock = self._doors.get(door)
-            if sock is None:
-                try:
-                    # Only our own user can have made it (zdist.localsocket).
-                    address = check_local_socket(door)
-                except (ZdistError, OSError, ValueError) as exc:
-                    logger.info("not using the worker door %r: %s", door[:200], exc)
-                    if self.door is not None and self.door[0] == door:
-                        self.door = None
+            conn = self._doors.get(door)
+            if conn is None:
+                conn = self._open_door(door)
+                if conn is None:
                     return False
-                sock = self.ctx.socket(zmq.DEALER)
-                sock.linger = 0
-                # Only with a live connection: a send to a worker that has gone (or
-                # not connected yet) fails at once, and the task goes by the broker.
-                sock.immediate = 1
-                sock.reconnect_ivl_max = DOOR_RECONNECT_MAX_MS
-                sock.connect(address)
-                self._doors[door] = sock
-                while len(self._doors) > MAX_DOORS:
-                    self._doors.popitem(last=False)[1].close(linger=0)
             else:
                 self._doors.move_to_end(door)
+            if datagram.send(conn, frames):
+                return True
+            if conn.fileno() < 0 or conn in self._door_dead:  # the worker has gone
+                self._forget_door(door)
+            return False
+
+    def _open_door(self, door: str) -> socket.socket | None:
+        """A connection to a door (under _send_lock), or None (the door is then
+        forgotten: a later result names the next)."""
+        try:
+            # Only our own user can have made it (zdist.localsocket); and the
+            # process listening must be ours (datagram.connect).
+            conn = datagram.connect(path_of(check_local_socket(door)))
+        except (ZdistError, OSError, ValueError) as exc:
+            logger.info("not using the worker door %r: %s", door[:200], exc)
+            self._forget_door(door)
+            return None
+        self._doors[door] = conn
+        with self._door_lock:
+            self._door_rx = (*self._door_rx, conn)
+            self._door_gen += 1
+        while len(self._doors) > MAX_DOORS:
+            self._forget_door(next(iter(self._doors)))
+        # Whoever polls now must poll this one too.
+        self._wake.wake()
+        with self._waiters_lock:
+            waiting = list(self._waiting)
+        for waker in waiting:
+            waker.wake()
+        return conn
+
+    def _forget_door(self, door: str) -> None:
+        """Drop a door and its connection (under _send_lock)."""
+        if self.door is not None and self.door[0] == door:
+            self.door = None
+        conn = self._doors.pop(door, None)
+        if conn is None:
+            return
+        with self._door_lock:
+            self._door_rx = tuple(c for c in self._door_rx if c is not conn)
+            self._door_gen += 1
+            if conn not in self._door_dead:
+                self._door_dead.append(conn)
+        self._close_dead_doors()
+
+    def _close_dead_doors(self) -> None:
+        """Close connections no reader will touch again: only while holding the
+        read lock (a reader may be halfway through the old ``_door_rx``); else
+        left for later."""
+        if self._door_dead and self._rx_lock.acquire(blocking=False):
             try:
-                send_frames(sock, frames, zmq.NOBLOCK)
-            except zmq.ZMQError:
-                return False
-            return True
+                with self._door_lock:
+                    dead = [c for c in self._door_dead if c not in self._door_rx]
+                    self._door_dead = [c for c in self._door_dead if c in self._door_rx]
+                for conn in dead:
+                    conn.close()
+            finally:
+                self._rx_lock.release()
 
     def send_releases(self, keys: list[str]) -> None:
         """Send these released keys now (the I/O thread's turn, a failed send)."""
@@ -347,10 +397,13 @@ class Connection:
                 return True
             with self._waiters_lock:
                 self._waiters += 1
+                self._waiting.add(waker)
                 counted = True
             poller = select.poll()
             poller.register(self._rx_fd, select.POLLIN)
             poller.register(waker.r, select.POLLIN)
+            # The door connections too (their results); again when they change.
+            gen, doors = self._poll_doors(poller, [], (self._rx_fd, waker.r))
             # Every read ends by asking the socket whether more is waiting (which
             # re-arms its descriptor), or leaves _rx_pending set: unless it is set, a
             # poll sees whatever arrives from now on, and the first read can wait.
@@ -386,9 +439,12 @@ class Connection:
                     waker.drain()
                 if st.done:
                     return True
+                if gen != self._door_gen:
+                    gen, doors = self._poll_doors(poller, doors, (self._rx_fd, waker.r))
         finally:
             if counted:
                 with self._waiters_lock:
+                    self._waiting.discard(waker)
                     # Read before we stop counting: the I/O thread then resets it.
                     tick = self._io_tick
                     self._waiters -= 1
@@ -402,6 +458,22 @@ class Connection:
         # Closed meanwhile: whoever closed it finishes the futures.
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         return st.wait(left)
+
+    def _poll_doors(
+        self, poller: Any, polled: list[int], keep: tuple[int, ...]
+    ) -> tuple[int, list[int]]:
+        """Have ``poller`` poll the door connections open now instead of ``polled``
+        (descriptors in ``keep`` are the poller's own); returns (``_door_gen`` as
+        read, the descriptors now polled)."""
+        with self._door_lock:
+            gen, conns = self._door_gen, self._door_rx
+        for fd in polled:
+            if fd not in keep:
+                poller.unregister(fd)
+        fds = [fd for fd in (c.fileno() for c in conns) if fd >= 0 and fd not in keep]
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        return gen, fds
 
     def request(
         self, make: Callable[[int], P.Message], payload: Any = (), expect: int = 1
@@ -453,6 +525,10 @@ class Connection:
         poller = select.poll()
         poller.register(self._wake.r, select.POLLIN)
         watching = False  # the socket's descriptor is in the poll set
+        # The door connections polled while watching (see wait_for).
+        own = (self._wake.r, self._rx_fd)
+        gen = -1
+        doors: list[int] = []
         tick, ended = WAITER_TICK_MS, self._waits_ended
         self._last_sent = time.monotonic()
         try:
@@ -474,9 +550,14 @@ class Connection:
                     if not watching:
                         poller.register(self._rx_fd, select.POLLIN)
                         watching = True
+                    if gen != self._door_gen:
+                        gen, doors = self._poll_doors(poller, doors, own)
                 elif watching:
                     poller.unregister(self._rx_fd)
                     watching = False
+                    for fd in doors:
+                        poller.unregister(fd)
+                    gen, doors = -1, []  # polled again once watching
                 if nobody_waits or ended != self._waits_ended:
                     tick, ended = WAITER_TICK_MS, self._waits_ended
                 # Set before polling: a wait that ends now wakes us if this is long.
@@ -519,9 +600,13 @@ class Connection:
                     remove_socket(self.direct)
             with self._send_lock:
                 self.out.close(linger=0)
-                for door in self._doors.values():
-                    door.close(linger=0)
+                with self._door_lock:
+                    self._door_rx = ()
+                    self._door_gen += 1
+                for conn in [*self._doors.values(), *self._door_dead]:
+                    conn.close()
                 self._doors.clear()
+                self._door_dead.clear()
             self._run_deferred()
             self.ctx.term()
             self._wake.close()
@@ -551,6 +636,8 @@ class Connection:
             except Exception:
                 logger.exception("client failed to handle a message from the broker")
             redo.popleft()  # not if interrupted: then it is handled again
+        if self._door_rx:
+            self._read_doors()
         while True:
             # Set while the socket is touched, cleared once it is seen empty: a
             # read interrupted anywhere (Ctrl-C) leaves it set, so the next reader
@@ -590,6 +677,42 @@ class Connection:
                 self._rx_pending = True
                 self.wake()
                 raise
+
+    def _read_doors(self) -> None:
+        """Read and handle the results that came back through doors (the caller
+        holds ``_rx_lock``). A datagram is whole: a read interrupted after one was
+        taken leaves it to the I/O thread (``_redo``), as in _read."""
+        reader = self._door_reader
+        for conn in self._door_rx:
+            while True:
+                decoded: tuple[P.Message, list[Any]] | None = None
+                try:
+                    frames = reader.recv(conn)
+                    if frames is None:
+                        break
+                    decoded = P.decode(frames)
+                    if type(decoded[0]) is not P.DirectResults:
+                        raise P.ProtocolError(
+                            f"{type(decoded[0]).__name__} through a worker's door"
+                        )
+                    self._handle(*decoded)
+                except EOFError:  # the worker has gone: stop polling it
+                    with self._door_lock:
+                        self._door_rx = tuple(c for c in self._door_rx if c is not conn)
+                        self._door_gen += 1
+                        if conn not in self._door_dead:
+                            self._door_dead.append(conn)
+                    break
+                except P.ProtocolError as exc:
+                    logger.warning("dropped a message from a worker: %s", exc)
+                except Exception:
+                    logger.exception("client failed to handle a worker's message")
+                except BaseException:
+                    if decoded is not None:
+                        self._redo.append(decoded)
+                    self._rx_pending = True
+                    self.wake()
+                    raise
 
     def _handle(self, msg: P.Message, payload: list[Any]) -> None:
         req_id = getattr(msg, "request_id", 0)

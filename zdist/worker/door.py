@@ -7,23 +7,34 @@ sends clients straight (DirectResults.door). A client sends a lone task there (a
 RunTasks naming itself in ``direct``, numbered below DOOR_RUN by the client) and
 tells the broker (Submit.via). The worker runs it if idle, else refuses it, and
 reports either with its number (TaskResults.door): the broker may hear of it from
-the worker before it hears from the client.
+the worker before it hears from the client. The result goes back on the connection
+the task came on, if small, else by the client's ZeroMQ link (zdist.worker.direct).
+
+The door is a plain Unix ``SOCK_SEQPACKET`` socket (zdist.datagram), not ZeroMQ:
+that round trip wakes two threads instead of six. Each end checks the other's user
+id as the kernel reports it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from zdist import datagram
 from zdist import protocol as P
 from zdist.errors import ZdistError
-from zdist.localsocket import bind_local_socket, remove_socket, user_socket_dir
-from zdist.net import is_ipc
-from zdist.wire import recv_ready
+from zdist.localsocket import (
+    check_local_socket,
+    path_of,
+    remove_socket,
+    user_socket_dir,
+)
+from zdist.net import IPC, is_ipc
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -32,6 +43,9 @@ if TYPE_CHECKING:
     from zdist.worker.worker import _Task
 
 logger = logging.getLogger(__name__)
+
+#: Client connections a door keeps open; past this the oldest is closed.
+MAX_DOOR_CONNECTIONS = 64
 
 
 class Door:
@@ -53,59 +67,103 @@ class Door:
 
     def _init_door(self) -> None:
         self.door: str | None = None  # its address, once open
-        self._door_sock: zmq.Socket[Any] | None = None
+        self._door_listener: socket.socket | None = None
+        # fd -> a client's connection, oldest first
+        self._door_conns: dict[int, socket.socket] = {}
+        self._door_reader = datagram.Reader()
         self._door_runs: dict[str, int] = {}  # key -> the client's run number
+        self._door_from: dict[str, int] = {}  # key -> the connection it came on
         self._door_refused: list[list[Any]] = []  # [key, run] not reported yet
         self.door_taken = 0  # tasks clients sent through the door and ran here
         self.door_refused = 0
+        self.door_sent = 0  # results sent back through the door
 
-    def _open_door(self) -> zmq.Socket[Any] | None:
+    def _open_door(self, poller: zmq.Poller) -> bool:
         """Listen for local clients' lone tasks on a Unix socket in this user's
         private directory, if the broker is on this host too (we reach it on one)."""
-        if not is_ipc(self.broker_address):
-            return None
+        if not is_ipc(self.broker_address) or not datagram.available():
+            return False
         directory = user_socket_dir()
         if directory is None:
-            return None
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.linger = 0
+            return False
         try:
-            # Only this user can reach that directory; with security on, the ZAP
-            # handler also checks each peer's user id (zdist.localsocket).
-            self.door = bind_local_socket(
-                sock,
-                os.path.join(directory, f"{uuid.uuid4().hex}.sock"),
-                zap=self._auth is not None,
+            # Only this user can reach that directory, and each connection's user id
+            # is checked too (datagram.accept).
+            address = check_local_socket(
+                IPC + os.path.join(directory, f"{uuid.uuid4().hex}.sock")
             )
-        except (OSError, zmq.ZMQError, ZdistError) as exc:
+            listener = datagram.listen(path_of(address))
+        except (OSError, ZdistError) as exc:
             logger.info(
                 "worker %s takes tasks from the broker only: %s", self.name, exc
             )
-            sock.close(linger=0)
-            return None
-        self._door_sock = sock
-        return sock
+            return False
+        self._door_listener = listener
+        self.door = address
+        poller.register(listener.fileno(), zmq.POLLIN)
+        return True
 
     def _close_door(self) -> None:
-        if self._door_sock is not None:
-            self._door_sock.close(linger=0)
+        for conn in self._door_conns.values():
+            conn.close()
+        self._door_conns.clear()
+        if self._door_listener is not None:
+            self._door_listener.close()
+            self._door_listener = None
             if self.door is not None:
                 remove_socket(self.door)
 
-    def serve_door(self) -> None:
-        sock = self._door_sock
-        assert sock is not None
+    def serve_door(self, events: dict[Any, int], poller: zmq.Poller) -> None:
+        """Accept new connections, and take the tasks the polled ones hold."""
+        listener = self._door_listener
+        assert listener is not None
+        conns = self._door_conns
+        if listener.fileno() in events:
+            while (conn := datagram.accept(listener)) is not None:
+                conns[conn.fileno()] = conn
+                poller.register(conn.fileno(), zmq.POLLIN)
+                if len(conns) > MAX_DOOR_CONNECTIONS:
+                    self._drop_door_conn(next(iter(conns)), poller)
+        for fd in [fd for fd in conns if fd in events]:
+            self._read_door_conn(fd, poller)
+
+    def _read_door_conn(self, fd: int, poller: zmq.Poller) -> None:
+        conn = self._door_conns[fd]
         while True:
-            frames = recv_ready(sock)
+            try:
+                frames = self._door_reader.recv(conn)
+            except EOFError:  # the client has gone
+                self._drop_door_conn(fd, poller)
+                return
+            except P.ProtocolError as exc:
+                self._drop("a task from a client", exc)
+                continue
             if frames is None:
                 return
             try:
-                msg, payload = P.decode(frames[1:])
-                self._on_door_task(msg, payload)
+                msg, payload = P.decode(frames)
+                self._on_door_task(msg, payload, fd)
             except Exception as exc:
                 self._drop("a task from a client", exc)
 
-    def _on_door_task(self, msg: P.Message, payload: list[Any]) -> None:
+    def _drop_door_conn(self, fd: int, poller: zmq.Poller) -> None:
+        conn = self._door_conns.pop(fd)
+        poller.unregister(fd)
+        conn.close()
+        for key in [k for k, f in self._door_from.items() if f == fd]:
+            del self._door_from[key]  # its result goes by the ZeroMQ link
+
+    def _send_through_door(self, key: str, frames: list[Any]) -> bool:
+        """Send a door task's result back on the connection it came on; False if it
+        cannot go there (gone, full, or too large): then it goes by ZeroMQ."""
+        fd = self._door_from.pop(key, None)
+        conn = None if fd is None else self._door_conns.get(fd)
+        if conn is None or not datagram.send(conn, frames):
+            return False
+        self.door_sent += 1
+        return True
+
+    def _on_door_task(self, msg: P.Message, payload: list[Any], fd: int) -> None:
         """A client's lone task (DirectResults.door): run it if idle, else refuse it
         to the broker, which the client told (Submit.via) and which then places it."""
         if type(msg) is not P.RunTasks:
@@ -153,6 +211,7 @@ class Door:
             self._refuse_door(key, run)
             return
         self._door_runs[key] = run
+        self._door_from[key] = fd
         self.door_taken += 1
         self._on_run_tasks(msg, payload)
 
@@ -166,6 +225,7 @@ class Door:
         yet is reported refused, which its early-report stash takes."""
         for key in keys:
             run = self._door_runs.pop(key, None)
+            self._door_from.pop(key, None)
             if run is not None:
                 self._refuse_door(key, run)
 

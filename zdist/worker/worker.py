@@ -187,9 +187,7 @@ class Worker(PeerTransfer, Door):
         assert self.broker is not None
         poller.register(self.broker, zmq.POLLIN)
         broker = self.broker
-        door = self._open_door()
-        if door is not None:
-            poller.register(door, zmq.POLLIN)
+        door = self._open_door(poller)
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(self._poll_timeout()))
@@ -201,8 +199,8 @@ class Worker(PeerTransfer, Door):
                     self.receive_from_broker()
                 if self.data_sock in events:
                     self.serve_peers()
-                if door is not None and door in events:
-                    self.serve_door()
+                if door:
+                    self.serve_door(events, poller)
                 for peer in self._peers.values():
                     if peer in events:
                         self.receive_from_peer(peer)
@@ -641,8 +639,13 @@ class Worker(PeerTransfer, Door):
             for address, msg, runs in self._direct_messages(
                 links.groups(first, frames)
             ):
-                if links.send(address, msg, runs):
+                # Back on the connection the task came on, else by its ZeroMQ link.
+                if self._send_through_door(runs[0][0], msg) or links.send(
+                    address, msg, runs
+                ):
                     told.extend(runs)
+            for r in first:
+                self._door_from.pop(r[0], None)
         groups = links.groups(rest, frames) if links.pending else {}
         # Reported first, delivered second: once a client has its result, the
         # broker knows of it too (a client asking the broker about its task right
