@@ -36,7 +36,7 @@ default (its processes on the broker's Unix socket) and with protocol="tcp"
 (CurveZMQ on every message); every other zdist row runs with security on (its
 default). With W1, the W1 floor rows time
 2,000 round trips over the same four hops in bare pyzmq, and over the two of a task
-sent through a worker's door (bench_floor.py).
+sent through a worker's door, a plain Unix socket (bench_floor.py).
 
 Beside it: bench_floor.py (W1's floor), bench_tasks.py (the task functions workers
 import), bench_memory.py (process trees and RSS from /proc), bench_report.py

@@ -9,9 +9,11 @@ thread reads its own reply).
 Whatever zdist adds to W1 is above this line; a target below it cannot be met by any
 client -> broker -> worker design on these sockets, however little Python it runs.
 
-With ``hops=2`` the client sends straight to the worker, which binds a ROUTER and
-answers on the same connection: the path of a lone task sent through a worker's
-door (zdist.worker.worker.Worker.serve_door), the broker told but not on the path.
+With ``hops=2`` the client sends straight to the worker and the worker answers on
+the same connection, a Unix SOCK_SEQPACKET socket (zdist.datagram): the path of a
+lone task sent through a worker's door (zdist.worker.door), the broker told but not
+on the path. The worker polls it with a zmq.Poller beside a ZeroMQ socket, as
+zdist's worker does, and the client waits in a poll on it, as zdist's waiting thread.
 
     python scripts/bench_floor.py [round_trips]
 """
@@ -19,6 +21,8 @@ door (zdist.worker.worker.Worker.serve_door), the broker told but not on the pat
 from __future__ import annotations
 
 import multiprocessing
+import os
+import select
 import shutil
 import statistics
 import sys
@@ -28,6 +32,8 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+
+from zdist import datagram
 
 QUIT = b"quit"
 
@@ -91,14 +97,62 @@ def _relay(router: zmq.Socket[Any], to: Callable[[bytes, bytes], bytes]) -> None
             break
 
 
-def _door(address: str, bound: Any) -> None:
+def _door(path: str, bound: Any) -> None:
     """A worker's door: each message goes back to its sender (hops=2)."""
-    ctx, router = _listen(address, bound)
-    client, _ = router.recv_multipart()  # hello
-    router.send_multipart([client, b"ready"])
-    _relay(router, lambda ident, body: ident)
-    router.close()
+    ctx: zmq.Context[Any] = zmq.Context()
+    broker = ctx.socket(zmq.DEALER)  # polled beside the door, never used
+    listener = datagram.listen(path)
+    bound.set()
+    poller = zmq.Poller()
+    poller.register(broker, zmq.POLLIN)
+    poller.register(listener.fileno(), zmq.POLLIN)
+    conn = None
+    while conn is None:
+        poller.poll(250)
+        conn = datagram.accept(listener)
+    poller.register(conn.fileno(), zmq.POLLIN)
+    reader = datagram.Reader()
+    while True:
+        poller.poll(250)
+        frames = reader.recv(conn)
+        if frames is None:
+            continue
+        datagram.send(conn, frames)
+        if bytes(frames[0]) == QUIT:
+            break
+    for s in (conn, listener):
+        s.close()
+    broker.close(linger=0)
     ctx.term()
+
+
+def _door_round_trips(path: str, n: int) -> list[float]:
+    conn = datagram.connect(path)
+    reader = datagram.Reader()
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+
+    def round_trip(body: bytes) -> None:
+        if not datagram.send(conn, [body]):
+            raise RuntimeError("the floor benchmark's door refused a message")
+        while True:
+            if not poller.poll(60_000):
+                raise RuntimeError("the floor benchmark's door did not answer")
+            if reader.recv(conn) is not None:
+                return
+
+    try:
+        body = b"x" * 100
+        times = []
+        for i in range(n + 200):
+            t0 = time.perf_counter()
+            round_trip(body)
+            if i >= 200:
+                times.append(time.perf_counter() - t0)
+        round_trip(QUIT)
+    finally:
+        conn.close()
+    return times
 
 
 def floor_round_trip(n: int = 2000, hops: int = 4) -> float:
@@ -110,10 +164,18 @@ def floor_round_trip(n: int = 2000, hops: int = 4) -> float:
     address = f"ipc://{private}/broker.sock"
     bound = mp.Event()
     if hops == 2:
-        procs = [mp.Process(target=_door, args=(address, bound), daemon=True)]
-        procs[0].start()
-        if not bound.wait(60):
-            raise RuntimeError("the floor benchmark's worker did not start")
+        door = os.path.join(private, "door.sock")
+        proc = mp.Process(target=_door, args=(door, bound), daemon=True)
+        proc.start()
+        try:
+            if not bound.wait(60):
+                raise RuntimeError("the floor benchmark's worker did not start")
+            return statistics.median(_door_round_trips(door, n)) * 1e6
+        finally:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+            shutil.rmtree(private, ignore_errors=True)
     else:
         broker = mp.Process(target=_broker, args=(address, bound), daemon=True)
         broker.start()

@@ -69,7 +69,7 @@ ROWS: dict[str, RowSpec] = {
         ),
         RowSpec(
             "W1-floor-door",
-            "W1 floor: bare pyzmq, client-worker-client (a door task), no work",
+            "W1 floor: client-worker-client on a door's Unix socket, no work",
             f"{MU}s per round trip",
             False,
         ),
@@ -298,12 +298,13 @@ def markdown(
         "other hosts do. The W1 floor rows are scripts/bench_floor.py: client -> "
         "broker -> worker -> broker -> client over bare pyzmq on a Unix socket (as "
         "LocalCluster's default) and no work, in three processes, and client -> "
-        "worker -> client, the path of a lone task sent through a worker's door "
-        "(the broker told, off the path); nothing built on these hops can beat "
-        "them. W1 zdist/ppe paired is the median ratio of 10 "
-        "adjacent W1 samples on a zdist cluster and a ProcessPoolExecutor alive "
-        "together; W5 zdist/dask paired likewise, with a dask cluster. "
-        "ppe's W4 is sequential submit().result() round trips: a ProcessPoolExecutor "
+        "worker -> client over a Unix SOCK_SEQPACKET socket, the path of a lone "
+        "task sent through a worker's door (the broker told, off the path); "
+        "nothing built on these hops can beat them. W1 zdist/ppe paired is the "
+        "median ratio of 10 adjacent W1 samples on a zdist cluster and a "
+        "ProcessPoolExecutor alive together; W5 zdist/dask paired likewise, with "
+        "a dask cluster. ppe's W4 is sequential submit().result() round trips: a "
+        "ProcessPoolExecutor "
         "cannot take a future as an argument.",
     ]
     failed = [(b, w, why) for b, rows in errors.items() for w, why in rows.items()]
