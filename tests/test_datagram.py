@@ -64,6 +64,9 @@ def test_frames_arrive_whole_and_in_order(path: str) -> None:
 def test_a_send_that_cannot_go_returns_false(path: str) -> None:
     listener, client, server = _pair(path)
     assert not datagram.send(client, [b"x" * datagram.MAX_DATAGRAM])  # too large
+    assert not datagram.send(client, [b""] * (datagram.MAX_FRAMES + 1))
+    strided = memoryview(np.arange(10.0)[::2])  # not one contiguous buffer
+    assert not datagram.send(client, [b"head", strided])
     # A peer that does not read: its queue fills, and a send fails at once.
     sent = 0
     while datagram.send(client, [b"x" * 60_000]):

@@ -37,6 +37,7 @@ from zdist.broker.state import FREE_DELAY
 from zdist.client.comm import MAX_DOORS
 from zdist.localsocket import bind_local_socket, remove_socket, user_socket_dir
 from zdist.wire import recv_frames
+from zdist.worker.door import MAX_DOOR_CONNECTIONS
 from zdist.worker.worker import Worker, WorkerConfig
 
 pytestmark = pytest.mark.timeout(120)
@@ -482,8 +483,9 @@ def _door_worker() -> Iterator[tuple[ScriptedBroker, Worker, _FakeClient]]:
         assert reg.local
         broker.welcome()
         wait_for(lambda: worker.door is not None, what="the worker's door")
-        assert worker.door is not None
-        client.connect(worker.door)
+        door = worker.door
+        assert door is not None
+        client.connect(door)
         yield broker, worker, client
     finally:
         worker.stop()
@@ -491,7 +493,7 @@ def _door_worker() -> Iterator[tuple[ScriptedBroker, Worker, _FakeClient]]:
         client.close()
         broker.close()
     assert not thread.is_alive()
-    assert worker.door is not None and not Path(worker.door[len("ipc://") :]).exists()
+    assert worker.door is None and not Path(door[len("ipc://") :]).exists()
 
 
 def _report(broker: ScriptedBroker) -> P.TaskResults:
@@ -562,6 +564,61 @@ def test_a_busy_worker_refuses_a_door_task(tmp_path: Path) -> None:
         assert not report.door
 
 
+def test_a_worker_past_its_connections_retires_the_least_used_losing_nothing() -> None:
+    n = MAX_DOOR_CONNECTIONS + 6
+    with _door_worker() as (broker, worker, client):
+        assert client.door is not None
+        path = worker.door[len("ipc://") :]  # type: ignore[index]
+        conns = [client.door]
+
+        def connected() -> bool:
+            try:  # the backlog may be full until the worker accepts
+                conns.append(datagram.connect(path))
+            except BlockingIOError:
+                return False
+            return len(conns) == n
+
+        wait_for(connected, what=f"{n} connections")
+        client.door = None  # closed with the others
+        try:
+            # A task on every connection, sent as fast as they go: the oldest are
+            # retired while tasks may still wait on them unread. A send to one
+            # already retired fails (a client would send that task by the broker).
+            sent = set()
+            for i, conn in enumerate(conns):
+                fl = P.FrameList()
+                msg = P.RunTasks(
+                    [
+                        [
+                            f"t{i}",
+                            fl.add([cloudpickle.dumps(tasks.inc)]),
+                            fl.add(serialize.dumps(((i,), {}))),
+                            [],
+                            None,
+                        ]
+                    ],
+                    None,
+                    [[b"c1", client.address, [[f"t{i}", RUN - i]]]],
+                )
+                if datagram.send(conn, P.encode(msg, fl.frames)):
+                    sent.add(f"t{i}")
+            assert len(sent) >= MAX_DOOR_CONNECTIONS
+            # Each task sent is run or refused, and reported: none is lost.
+            reported: dict[str, str] = {}
+            while not sent <= set(reported):
+                for r in _report(broker).results:
+                    reported[r[0]] = r[1]
+            assert set(reported) == sent
+            assert set(reported.values()) <= {"memory", "refused"}
+            wait_for(
+                lambda: len(worker._door_conns) <= MAX_DOOR_CONNECTIONS,
+                what="the connections over the limit retired",
+            )
+        finally:
+            for conn in conns:
+                conn.close()
+
+
 def test_a_malformed_door_message_is_dropped_and_the_door_still_serves() -> None:
     with _door_worker() as (broker, worker, client):
         client.send([b"junk"])
@@ -590,9 +647,9 @@ def test_a_malformed_door_message_is_dropped_and_the_door_still_serves() -> None
 # --- end to end: a LocalCluster -------------------------------------------------------
 
 
-def _door_stats() -> tuple[int, int, str]:
+def _door_stats() -> tuple[int, int, str, int]:
     w = get_worker()
-    return (w.door_taken, w.door_refused, w._ident.decode())
+    return (w.door_taken, w.door_refused, w._ident.decode(), w.door_sent)
 
 
 def test_one_at_a_time_round_trips_go_through_the_door(tmp_path: Path) -> None:
@@ -608,10 +665,13 @@ def test_one_at_a_time_round_trips_go_through_the_door(tmp_path: Path) -> None:
             what="a task through a door",
         )
         taken = sum(s[0] for s in c.run(_door_stats).values())
+        sent = sum(s[3] for s in c.run(_door_stats).values())
         done = c.scheduler_info()["counters"]["tasks_done"]
         for i in range(100, 150):
             assert c.submit(tasks.inc, i).result(timeout=30) == i + 1
         assert sum(s[0] for s in c.run(_door_stats).values()) >= taken + 40
+        # Their results came back through the door, on the same connection.
+        assert sum(s[3] for s in c.run(_door_stats).values()) >= sent + 40
         # The broker knows of each, and that it is done.
         wait_for(
             lambda: c.scheduler_info()["counters"]["tasks_done"] >= done + 50,
@@ -669,20 +729,34 @@ def test_a_client_keeps_connections_to_the_latest_doors_only() -> None:
                 listeners.append((path, datagram.listen(path)))
                 assert conn.send_door(f"ipc://{path}", [b"hello"])
             assert len(conn._doors) == MAX_DOORS
-            assert len(conn._door_rx) == MAX_DOORS
-            assert set(conn._door_rx) == set(conn._doors.values())
-            assert not conn._door_dead  # the two oldest closed
+            # The two oldest are shut down: the worker sees their end after what
+            # was sent, and their sends fail (results then come by ZeroMQ).
             for _path, listener in listeners[:2]:
                 peer = datagram.accept(listener)
                 assert peer is not None
                 reader = datagram.Reader()
                 assert reader.recv(peer) == [b"hello"]
-                with pytest.raises(EOFError):  # closed by the client
+                with pytest.raises(EOFError):
                     reader.recv(peer)
+                assert not datagram.send(peer, [b"a result"])
                 peer.close()
-            # Round trips still go, through the worker's door.
-            for i in range(5):
+            # The client reads them to their end and no longer polls them ...
+            wait_for(
+                lambda: set(conn._door_rx) == set(conn._doors.values()),
+                what="the forgotten doors read to their end",
+            )
+            evicted = conn._door_dead[:]
+            i = 0
+
+            def closed_after_a_round_trip() -> bool:
+                nonlocal i
+                i += 1
                 assert c.submit(tasks.inc, i).result(timeout=30) == i + 1
+                return not conn._door_dead
+
+            # ... and closes them once it holds both of its locks.
+            wait_for(closed_after_a_round_trip, what="the forgotten doors closed")
+            assert all(e.fileno() < 0 for e in evicted)
         finally:
             for path, listener in listeners:
                 listener.close()

@@ -21,6 +21,7 @@ Linux has ``SOCK_SEQPACKET`` for Unix sockets; where the system lacks it (macOS)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -32,12 +33,14 @@ from zdist.protocol import ProtocolError
 #: The largest datagram sent (header and frames): a door task (its arguments and
 #: function at most INLINE_LIMIT) or a small result. Larger goes by ZeroMQ.
 MAX_DATAGRAM = 192 * 1024
-#: The most frames in one datagram.
-MAX_FRAMES = 4096
+#: The most frames in one datagram (with the header, under the system's IOV_MAX).
+MAX_FRAMES = 1000
 _U32 = struct.Struct("<I")
-_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_CRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 _SEQPACKET = getattr(socket, "SOCK_SEQPACKET", None)
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+# A send to a peer that has gone fails with EPIPE, whatever SIGPIPE's handler is.
+_SEND_FLAGS = _DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
 _TRUNC = getattr(socket, "MSG_TRUNC", 0)
 _PEERCRED = getattr(socket, "SO_PEERCRED", None)
 
@@ -59,10 +62,16 @@ def listen(path: str, backlog: int = 64) -> socket.socket:
     sock = _socket()
     try:
         sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    try:
         os.chmod(path, 0o600)
         sock.listen(backlog)
     except BaseException:
         sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         raise
     return sock
 
@@ -82,7 +91,8 @@ def connect(path: str) -> socket.socket:
 
 def accept(listener: socket.socket) -> socket.socket | None:
     """The next waiting connection from this user's processes, non-blocking; None
-    when none waits. A connection from another user is closed unread."""
+    when none waits. A connection from another user is closed unread. Raises
+    OSError when the system cannot take it now (out of file descriptors, say)."""
     while True:
         try:
             sock, _ = listener.accept()
@@ -108,14 +118,17 @@ def check_peer(sock: socket.socket) -> None:
 def send(sock: socket.socket, frames: Sequence[Any]) -> bool:
     """Send ``frames`` as one datagram without blocking; False if it cannot go now
     (too large, the peer's queue is full, or the peer has gone)."""
-    views = [f if type(f) is memoryview else memoryview(f) for f in frames]
+    try:
+        views = [memoryview(f).cast("B") for f in frames]
+    except (TypeError, ValueError):  # not a contiguous buffer
+        return False
     sizes = [v.nbytes for v in views]
     if len(views) > MAX_FRAMES or 4 * (len(views) + 1) + sum(sizes) > MAX_DATAGRAM:
         return False
     head = struct.pack(f"<{len(sizes) + 1}I", len(sizes), *sizes)
     try:
-        sock.sendmsg([head, *views], [], _DONTWAIT)
-    except OSError:
+        sock.sendmsg([head, *views], [], _SEND_FLAGS)
+    except (OSError, ValueError):  # ValueError: a closed socket object
         return False
     return True
 
@@ -135,7 +148,7 @@ class Reader:
             return None
         except OSError as exc:  # reset by the peer, or closed here
             raise EOFError(str(exc)) from None
-        if n == 0:
+        if n == 0:  # (or sent an empty datagram, which zdist never does)
             raise EOFError("the peer closed the connection")
         if flags & _TRUNC:
             raise ProtocolError("a datagram over MAX_DATAGRAM")

@@ -16,6 +16,10 @@ system and the kernel do:
   listener and only with our user id, as the kernel reports it (zdist.security);
 - ``zap_enforce_domain`` makes libzmq refuse, rather than admit, a peer when no ZAP
   handler answers.
+
+A worker's door (zdist.worker.door) is a plain Unix socket in the same directory,
+checked the same way before connecting; there each end checks the other's user id
+itself (``SO_PEERCRED``, zdist.datagram).
 """
 
 from __future__ import annotations

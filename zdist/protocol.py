@@ -427,11 +427,13 @@ class DirectResults(Message):
     """Worker -> client on the same host (RunTasks.direct): ``updates`` as in
     :class:`TaskUpdates`, all ``finished``. It may arrive before or after the broker's
     word on the same key; it never overrides a future already settled. ``door``: a
-    Unix socket of this worker's (``ipc://``, in its user's private directory) where
-    the client may send a lone task (a :class:`RunTasks` naming the client in
-    ``direct`` with a run below DOOR_RUN) while the worker is idle, telling the
-    broker with :attr:`Submit.via` and ``worker``, the worker's identity with the
-    broker. That takes the broker off the path of a one-at-a-time round trip."""
+    Unix socket of this worker's (``ipc://PATH``, in its user's private directory;
+    a plain ``SOCK_SEQPACKET`` socket, not ZeroMQ: zdist.datagram) where the client
+    may send a lone task (a :class:`RunTasks` naming the client in ``direct`` with a
+    run below DOOR_RUN) while the worker is idle, telling the broker with
+    :attr:`Submit.via` and ``worker``, the worker's identity with the broker. That
+    takes the broker off the path of a one-at-a-time round trip. The result of such
+    a task comes back on the same connection, as a DirectResults, when it can."""
 
     updates: list
     door: str | None = None

@@ -12,8 +12,14 @@ whichever thread is sending: a submit leaves straight from the user's thread ins
 of waiting for the I/O thread to wake. ZeroMQ allows a socket to be used by several
 threads one at a time with a memory barrier, which a lock is; nobody polls the
 sending socket. The broker treats the sending socket's identity (the receiving one's
-plus ``+s``) as the same client, and one socket carries every outgoing message, so
-their order is kept.
+plus ``+s``) as the same client, and one socket carries every outgoing message to
+the broker, so their order is kept.
+
+Beside them, lone tasks go straight to an idle worker on this host through its door,
+a plain Unix socket (zdist.datagram, zdist.worker.door), and their results come back
+on it: whoever reads the receiving socket reads those connections too. A thread
+holding ``_send_lock`` never waits for ``_rx_lock``; it only tries it
+(_close_dead_doors).
 """
 
 from __future__ import annotations
@@ -169,18 +175,20 @@ class Connection:
             security.configure_client(self.out)
         self._send_lock = threading.Lock()
         #: The door of the worker that last sent us results (DirectResults.door):
-        #: (its address, the worker's identity with the broker), and a connection
-        #: to each door used lately (under _send_lock). The results of door tasks
-        #: come back on them: whoever reads the receiving socket reads these too,
-        #: from ``_door_rx`` (replaced whole, under _door_lock, when one is opened or
-        #: found closed; ``_door_gen`` counts the changes, for the pollers).
+        #: (its address, the worker's identity with the broker), a hint written
+        #: without a lock; and a connection to each door used lately (``_doors``,
+        #: under _send_lock). The results of door tasks come back on them: whoever
+        #: reads the receiving socket reads these too, from ``_door_rx`` (replaced
+        #: whole, under _door_lock, when one is opened or retired at its end;
+        #: ``_door_gen`` counts the changes, for the pollers). Retired ones wait in
+        #: ``_door_dead`` to be closed (_close_dead_doors).
         self.door: tuple[str, str] | None = None
         self._doors: OrderedDict[str, socket.socket] = OrderedDict()
         self._door_runs = itertools.count(P.DOOR_RUN - 1, -1)
         self._door_lock = threading.Lock()
         self._door_rx: tuple[socket.socket, ...] = ()
         self._door_gen = 0
-        self._door_dead: list[socket.socket] = []  # closed by the peer, to close here
+        self._door_dead: list[socket.socket] = []
         self._door_reader = datagram.Reader()  # under _rx_lock
         #: Threads waiting on a result (wait_for): woken when a door connection
         #: opens, to poll it too. Under _waiters_lock.
@@ -282,10 +290,12 @@ class Connection:
     def send_door(self, door: str, frames: list[Any]) -> bool:
         """Send a lone task (a RunTasks) through a worker's door; False if it cannot
         go now (the worker has gone, or its queue is full): it then goes by the
-        broker alone."""
+        broker alone, and the door is forgotten until a result names it again."""
         with self._send_lock:
             if self.out.closed:
                 return False
+            if self._door_dead:
+                self._close_dead_doors(self._rx_lock)
             conn = self._doors.get(door)
             if conn is None:
                 conn = self._open_door(door)
@@ -295,8 +305,7 @@ class Connection:
                 self._doors.move_to_end(door)
             if datagram.send(conn, frames):
                 return True
-            if conn.fileno() < 0 or conn in self._door_dead:  # the worker has gone
-                self._forget_door(door)
+            self._forget_door(door)
             return False
 
     def _open_door(self, door: str) -> socket.socket | None:
@@ -325,32 +334,48 @@ class Connection:
         return conn
 
     def _forget_door(self, door: str) -> None:
-        """Drop a door and its connection (under _send_lock)."""
+        """Stop using a door (under _send_lock). Its connection is shut down, not
+        closed: the worker's sends fail from now on (its results then come by
+        ZeroMQ), and what it sent before is still read, to the connection's end,
+        where a reader retires it (_read_doors)."""
         if self.door is not None and self.door[0] == door:
             self.door = None
         conn = self._doors.pop(door, None)
         if conn is None:
             return
-        with self._door_lock:
-            self._door_rx = tuple(c for c in self._door_rx if c is not conn)
-            self._door_gen += 1
-            if conn not in self._door_dead:
-                self._door_dead.append(conn)
-        self._close_dead_doors()
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:  # not connected any more: nothing left to read
+            with self._door_lock:
+                self._retire_door(conn)
+            self._close_dead_doors(self._rx_lock)
 
-    def _close_dead_doors(self) -> None:
-        """Close connections no reader will touch again: only while holding the
-        read lock (a reader may be halfway through the old ``_door_rx``); else
-        left for later."""
-        if self._door_dead and self._rx_lock.acquire(blocking=False):
-            try:
-                with self._door_lock:
-                    dead = [c for c in self._door_dead if c not in self._door_rx]
-                    self._door_dead = [c for c in self._door_dead if c in self._door_rx]
-                for conn in dead:
-                    conn.close()
-            finally:
-                self._rx_lock.release()
+    def _retire_door(self, conn: socket.socket) -> None:
+        """No reader polls or reads ``conn`` from now on (under _door_lock)."""
+        self._door_rx = tuple(c for c in self._door_rx if c is not conn)
+        self._door_gen += 1
+        if conn not in self._door_dead:
+            self._door_dead.append(conn)
+
+    def _close_dead_doors(self, other: threading.Lock) -> None:
+        """Close retired connections: only while holding both the send and the read
+        lock (a sender or a reader may be halfway through one), so the caller holds
+        one and ``other`` is the other, tried without waiting (the two are taken in
+        either order); else they are left for the next try."""
+        if not self._door_dead or not other.acquire(blocking=False):
+            return
+        try:
+            with self._door_lock:
+                dead, self._door_dead = self._door_dead, []
+            for conn in dead:
+                for door, c in list(self._doors.items()):
+                    if c is conn:
+                        del self._doors[door]
+                        if self.door is not None and self.door[0] == door:
+                            self.door = None
+                conn.close()
+        finally:
+            other.release()
 
     def send_releases(self, keys: list[str]) -> None:
         """Send these released keys now (the I/O thread's turn, a failed send)."""
@@ -601,9 +626,10 @@ class Connection:
             with self._send_lock:
                 self.out.close(linger=0)
                 with self._door_lock:
+                    conns = {*self._doors.values(), *self._door_rx, *self._door_dead}
                     self._door_rx = ()
                     self._door_gen += 1
-                for conn in [*self._doors.values(), *self._door_dead]:
+                for conn in conns:
                     conn.close()
                 self._doors.clear()
                 self._door_dead.clear()
@@ -685,6 +711,7 @@ class Connection:
         reader = self._door_reader
         for conn in self._door_rx:
             while True:
+                frames = None
                 decoded: tuple[P.Message, list[Any]] | None = None
                 try:
                     frames = reader.recv(conn)
@@ -696,23 +723,25 @@ class Connection:
                             f"{type(decoded[0]).__name__} through a worker's door"
                         )
                     self._handle(*decoded)
-                except EOFError:  # the worker has gone: stop polling it
+                except EOFError:  # the worker has gone, or we shut it down
                     with self._door_lock:
-                        self._door_rx = tuple(c for c in self._door_rx if c is not conn)
-                        self._door_gen += 1
-                        if conn not in self._door_dead:
-                            self._door_dead.append(conn)
+                        self._retire_door(conn)
                     break
                 except P.ProtocolError as exc:
                     logger.warning("dropped a message from a worker: %s", exc)
                 except Exception:
                     logger.exception("client failed to handle a worker's message")
-                except BaseException:
-                    if decoded is not None:
+                except BaseException:  # interrupted: the I/O thread handles it again
+                    if decoded is None and frames is not None:
+                        with contextlib.suppress(P.ProtocolError):
+                            decoded = P.decode(frames)
+                    if decoded is not None and type(decoded[0]) is P.DirectResults:
                         self._redo.append(decoded)
                     self._rx_pending = True
                     self.wake()
                     raise
+        if self._door_dead:
+            self._close_dead_doors(self._send_lock)
 
     def _handle(self, msg: P.Message, payload: list[Any]) -> None:
         req_id = getattr(msg, "request_id", 0)

@@ -13,6 +13,10 @@ makes :meth:`ClientLinks.send` return False, and that result goes by the broker 
 before. Each client gets a DEALER of its own with ``ZMQ_IMMEDIATE``, whose send
 fails at once without a live connection; and a link dropped for a newer one is
 closed, not disconnected, so that what was queued on it still goes.
+
+A task a client sent through the worker's door (zdist.worker.door) has its result
+sent back on that connection instead, when it can; only when it cannot does it come
+here.
 """
 
 from __future__ import annotations

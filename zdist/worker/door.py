@@ -58,7 +58,6 @@ class Door:
     status: str
     paused: bool
     _closing: bool
-    _auth: Any
     data: SpillBuffer
     tasks: dict[str, _Task]
     _results: list[Any]
@@ -68,7 +67,7 @@ class Door:
     def _init_door(self) -> None:
         self.door: str | None = None  # its address, once open
         self._door_listener: socket.socket | None = None
-        # fd -> a client's connection, oldest first
+        # fd -> a client's connection, the least recently used first
         self._door_conns: dict[int, socket.socket] = {}
         self._door_reader = datagram.Reader()
         self._door_runs: dict[str, int] = {}  # key -> the client's run number
@@ -107,25 +106,44 @@ class Door:
         for conn in self._door_conns.values():
             conn.close()
         self._door_conns.clear()
+        self._close_listener()
+
+    def _close_listener(self) -> None:
+        """Take no new connections; the door's address is no longer given out."""
         if self._door_listener is not None:
             self._door_listener.close()
             self._door_listener = None
             if self.door is not None:
                 remove_socket(self.door)
+                self.door = None
 
     def serve_door(self, events: dict[Any, int], poller: zmq.Poller) -> None:
         """Accept new connections, and take the tasks the polled ones hold."""
         listener = self._door_listener
-        assert listener is not None
         conns = self._door_conns
-        if listener.fileno() in events:
+        if listener is not None and listener.fileno() in events:
+            self._accept_door_conns(listener, poller)
+        for fd in [fd for fd in conns if fd in events]:
+            if fd in conns:  # (not retired meanwhile)
+                self._read_door_conn(fd, poller)
+
+    def _accept_door_conns(self, listener: socket.socket, poller: zmq.Poller) -> None:
+        conns = self._door_conns
+        try:
             while (conn := datagram.accept(listener)) is not None:
                 conns[conn.fileno()] = conn
                 poller.register(conn.fileno(), zmq.POLLIN)
                 if len(conns) > MAX_DOOR_CONNECTIONS:
-                    self._drop_door_conn(next(iter(conns)), poller)
-        for fd in [fd for fd in conns if fd in events]:
-            self._read_door_conn(fd, poller)
+                    self._retire_door_conn(next(iter(conns)), poller)
+        except OSError as exc:
+            # Out of descriptors, say: the connection waiting would keep the
+            # listener readable for ever. New clients go by the broker from now
+            # on; those connected still use the door.
+            logger.warning(
+                "worker %s closes its door to new clients: %s", self.name, exc
+            )
+            poller.unregister(listener.fileno())
+            self._close_listener()
 
     def _read_door_conn(self, fd: int, poller: zmq.Poller) -> None:
         conn = self._door_conns[fd]
@@ -140,11 +158,25 @@ class Door:
                 continue
             if frames is None:
                 return
+            if fd in self._door_conns:  # the most recently used last
+                self._door_conns[fd] = self._door_conns.pop(fd)
             try:
                 msg, payload = P.decode(frames)
                 self._on_door_task(msg, payload, fd)
             except Exception as exc:
                 self._drop("a task from a client", exc)
+
+    def _retire_door_conn(self, fd: int, poller: zmq.Poller) -> None:
+        """Close a connection without losing what its client sent: from now on
+        the client's sends fail (its tasks go by the broker) and it sees the end;
+        what it sent before is taken first."""
+        try:
+            self._door_conns[fd].shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._read_door_conn(fd, poller)  # to its end: it drops the connection
+        if fd in self._door_conns:
+            self._drop_door_conn(fd, poller)
 
     def _drop_door_conn(self, fd: int, poller: zmq.Poller) -> None:
         conn = self._door_conns.pop(fd)

@@ -5,7 +5,8 @@ tasks, fetches their inputs from peers, hands ready tasks to ``nthreads`` task t
 and sends results back in batches. Task threads never touch a socket: they append to
 ``_done`` and write a byte to a pipe the loop polls. Heartbeats go out from the loop, so
 they continue during a long task. Serving and fetching values between workers is
-zdist.worker.transfer.
+zdist.worker.transfer. Lone tasks that local clients send the worker themselves come
+through its door, zdist.worker.door.
 """
 
 from __future__ import annotations
