@@ -39,6 +39,7 @@ from zdist.net import IPC, is_ipc
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from zdist.worker.direct import ClientLinks
     from zdist.worker.memory import SpillBuffer
     from zdist.worker.worker import _Task
 
@@ -53,7 +54,6 @@ class Door:
 
     # The Worker's own attributes that these methods use (set in Worker.__init__).
     name: str
-    ctx: zmq.Context[Any]
     broker_address: str
     status: str
     paused: bool
@@ -63,6 +63,11 @@ class Door:
     _results: list[Any]
     _drop: Callable[[str, Exception], None]
     _on_run_tasks: Callable[[P.RunTasks, list[Any]], None]
+    _links: ClientLinks
+    _direct_messages: Callable[
+        [dict[tuple[bytes, str], tuple[list[Any], list[Any], P.FrameList]]],
+        list[tuple[str, list[Any], list[Any]]],
+    ]
 
     def _init_door(self) -> None:
         self.door: str | None = None  # its address, once open
@@ -185,15 +190,23 @@ class Door:
         for key in [k for k, f in self._door_from.items() if f == fd]:
             del self._door_from[key]  # its result goes by the ZeroMQ link
 
-    def _send_through_door(self, key: str, frames: list[Any]) -> bool:
-        """Send a door task's result back on the connection it came on; False if it
-        cannot go there (gone, full, or too large): then it goes by ZeroMQ."""
-        fd = self._door_from.pop(key, None)
-        conn = None if fd is None else self._door_conns.get(fd)
-        if conn is None or not datagram.send(conn, frames):
-            return False
-        self.door_sent += 1
-        return True
+    def _send_door_results(self, first: list[Any], frames: list[Any]) -> list[Any]:
+        """Send the results of door runs (``first``, from _take_door_results) to
+        their clients: back on the connection each task came on, else (gone, full)
+        by the client's ZeroMQ link. Returns the [key, run] pairs that went."""
+        told: list[Any] = []
+        links = self._links
+        for address, msg, runs in self._direct_messages(links.groups(first, frames)):
+            fd = self._door_from.get(runs[0][0])
+            conn = None if fd is None else self._door_conns.get(fd)
+            if conn is not None and datagram.send(conn, msg):
+                self.door_sent += 1
+                told.extend(runs)
+            elif links.send(address, msg, runs):
+                told.extend(runs)
+        for r in first:  # errors and large results too, which go by the broker
+            self._door_from.pop(r[0], None)
+        return told
 
     def _on_door_task(self, msg: P.Message, payload: list[Any], fd: int) -> None:
         """A client's lone task (DirectResults.door): run it if idle, else refuse it

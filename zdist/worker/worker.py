@@ -632,21 +632,10 @@ class Worker(PeerTransfer, Door):
         self._results = []
         self._result_frames = P.FrameList()
         door, first, rest = self._take_door_results(results)
-        told: list[Any] = []
+        # Tasks a client sent us itself: its Submit may reach the broker after our
+        # report anyway, so their results go first (the round trip's path).
+        told = self._send_door_results(first, frames) if first else []
         untold: list[Any] = []
-        if first:
-            # Tasks a client sent us itself: its Submit may reach the broker after
-            # our report anyway, so their results go first (the round trip's path).
-            for address, msg, runs in self._direct_messages(
-                links.groups(first, frames)
-            ):
-                # Back on the connection the task came on, else by its ZeroMQ link.
-                if self._send_through_door(runs[0][0], msg) or links.send(
-                    address, msg, runs
-                ):
-                    told.extend(runs)
-            for r in first:
-                self._door_from.pop(r[0], None)
         groups = links.groups(rest, frames) if links.pending else {}
         # Reported first, delivered second: once a client has its result, the
         # broker knows of it too (a client asking the broker about its task right
